@@ -1,0 +1,244 @@
+"""CircuitBreaker: the pure state machine of one service. No I/O; the clock is injected."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gateway_breaker.policy import Policy
+from gateway_breaker.window import RollingWindow
+
+Clock = Callable[[], float]
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """What a breaker shares with the fleet: the seed's fields plus the store's version.
+
+    Times are Unix seconds on the breaker's clock; None when it never happened.
+    """
+
+    state: CircuitState
+    failure_count: int = 0
+    success_count: int = 0
+    last_failure_time: float | None = None
+    opened_at: float | None = None
+    version: int = 0
+
+
+class Permit:
+    """Leave to make one call: report its outcome with `record`, or hand it back with `release`.
+
+    A permit belongs to the generation that issued it; after a transition it counts for nothing.
+    """
+
+    __slots__ = ("done", "generation", "probe", "started")
+
+    def __init__(self, generation: int, probe: bool, started: float) -> None:
+        self.generation = generation
+        self.probe = probe
+        self.started = started
+        self.done = False
+
+
+TransitionListener = Callable[["CircuitBreaker", CircuitState], None]
+
+
+class CircuitBreaker:
+    """Closed -> open on too many failures; open -> half-open after a timeout; half-open probes
+    close it again or reopen it.
+
+    Use it in two phases: `acquire()` before the call (None means rejected), then
+    `record(permit, failed)` after it, or `release(permit)` when the call never ran to an outcome
+    (cancelled, client gone). Every transition bumps `generation` and calls `on_transition`.
+    """
+
+    __slots__ = (
+        "_in_flight",
+        "_window",
+        "clock",
+        "failure_count",
+        "generation",
+        "last_failure_time",
+        "name",
+        "on_transition",
+        "open_until",
+        "opened_at",
+        "policy",
+        "state",
+        "success_count",
+        "version",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        policy: Policy,
+        *,
+        clock: Clock = time.time,
+        on_transition: TransitionListener | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.clock = clock
+        self.on_transition = on_transition
+        self.state = CircuitState.CLOSED
+        self.failure_count = 0
+        self.success_count = 0
+        self.last_failure_time: float | None = None
+        self.opened_at: float | None = None
+        self.open_until = 0.0
+        self.generation = 0
+        self.version = 0  # version of the stored state this breaker last agreed with
+        self._in_flight = 0  # probes out while half-open
+        self._window = RollingWindow(policy.window_seconds)
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name} {self.state.value} gen={self.generation}>"
+
+    # -- the request path --------------------------------------------------------------------
+
+    def acquire(self) -> Permit | None:
+        """A permit for one call, or None when the call must be rejected."""
+        state = self.state
+        if state is CircuitState.CLOSED:
+            return Permit(self.generation, False, self.clock())
+        now = self.clock()
+        if state is CircuitState.OPEN:
+            if now < self.open_until:
+                return None
+            self._transition(CircuitState.HALF_OPEN, now)
+        if self._in_flight >= self.policy.half_open_max_calls:
+            return None
+        self._in_flight += 1
+        return Permit(self.generation, True, now)
+
+    def record(self, permit: Permit, failed: bool) -> None:
+        """Report the outcome of a permitted call. Stale permits change nothing."""
+        if permit.done:
+            return
+        permit.done = True
+        if permit.generation != self.generation:
+            return
+        now = self.clock()
+        slow = self.policy.slow_call_seconds
+        if not failed and slow is not None and now - permit.started > slow:
+            failed = True
+        if permit.probe:
+            self._in_flight -= 1
+        if failed:
+            self._on_failure(now)
+        else:
+            self._on_success(now)
+
+    def release(self, permit: Permit) -> None:
+        """Give back a permit whose call produced no outcome; its probe slot is freed."""
+        if permit.done:
+            return
+        permit.done = True
+        if permit.probe and permit.generation == self.generation:
+            self._in_flight -= 1
+
+    def retry_after(self) -> float:
+        """Seconds until a call may be let through again (0 when it may be now)."""
+        if self.state is CircuitState.OPEN:
+            return max(0.0, self.open_until - self.clock())
+        if (
+            self.state is CircuitState.HALF_OPEN
+            and self._in_flight >= self.policy.half_open_max_calls
+        ):
+            return 1.0  # a probe is out; its outcome decides
+        return 0.0
+
+    def retry_after_header(self) -> int:
+        """`retry_after()` as whole seconds for a Retry-After header: at least 1."""
+        return max(1, math.ceil(self.retry_after()))
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _on_success(self, now: float) -> None:
+        self.success_count += 1
+        self.failure_count = 0
+        if self.state is CircuitState.HALF_OPEN:
+            if self.success_count >= self.policy.success_threshold:
+                self._transition(CircuitState.CLOSED, now)
+        else:
+            self._window.record(now, False)
+
+    def _on_failure(self, now: float) -> None:
+        self.failure_count += 1
+        self.success_count = 0
+        self.last_failure_time = now
+        if self.state is CircuitState.HALF_OPEN:
+            self._transition(CircuitState.OPEN, now)
+            return
+        window = self._window
+        window.record(now, True)
+        policy = self.policy
+        if self.failure_count >= policy.failure_threshold or (
+            window.calls >= policy.min_calls
+            and window.failures >= policy.error_rate_threshold * window.calls
+        ):
+            self._transition(CircuitState.OPEN, now)
+
+    def _transition(self, state: CircuitState, now: float) -> None:
+        previous = self.state
+        self.state = state
+        self.generation += 1
+        self._in_flight = 0
+        if state is CircuitState.OPEN:
+            self.opened_at = now
+            self.open_until = now + self.policy.timeout_seconds
+            self.success_count = 0
+        elif state is CircuitState.HALF_OPEN:
+            self.success_count = 0
+        else:
+            self.failure_count = 0
+            self.success_count = 0
+            self._window.reset()
+        if self.on_transition is not None:
+            self.on_transition(self, previous)
+
+    # -- sharing ---------------------------------------------------------------------------
+
+    def snapshot(self) -> BreakerSnapshot:
+        return BreakerSnapshot(
+            state=self.state,
+            failure_count=self.failure_count,
+            success_count=self.success_count,
+            last_failure_time=self.last_failure_time,
+            opened_at=self.opened_at,
+            version=self.version,
+        )
+
+    def restore(self, snapshot: BreakerSnapshot) -> bool:
+        """Adopt a state another instance stored. Returns whether the state changed.
+
+        Calls in flight count for nothing afterwards; no transition is reported, since this
+        transition is already the fleet's.
+        """
+        changed = snapshot.state is not self.state
+        self.state = snapshot.state
+        self.failure_count = snapshot.failure_count
+        self.success_count = snapshot.success_count
+        self.last_failure_time = snapshot.last_failure_time
+        self.opened_at = snapshot.opened_at
+        self.version = snapshot.version
+        if snapshot.state is CircuitState.OPEN:
+            start = snapshot.opened_at if snapshot.opened_at is not None else self.clock()
+            self.open_until = start + self.policy.timeout_seconds
+        if changed or snapshot.state is not CircuitState.CLOSED:
+            self.generation += 1
+            self._in_flight = 0
+        if snapshot.state is CircuitState.CLOSED and changed:
+            self._window.reset()
+        return changed

@@ -1,0 +1,51 @@
+"""Errors raised by gateway_breaker."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+# Inputs of these fields may carry secrets and are never echoed in an error.
+_SECRET_FIELDS = ("url", "password", "sentinel_password")
+
+
+class GatewayBreakerError(Exception):
+    """Base class of this package's errors."""
+
+
+class ConfigError(GatewayBreakerError, ValueError):
+    """The configuration is invalid; the message names the field or file."""
+
+    @classmethod
+    def from_validation(
+        cls, exc: ValidationError, source: os.PathLike[str] | str | None = None
+    ) -> ConfigError:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "(root)"
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown field"
+            secret = any(str(part) in _SECRET_FIELDS for part in error["loc"])
+            if not secret and error["type"] not in ("missing", "extra_forbidden"):
+                shown = repr(error.get("input"))
+                message += f" (got {shown[:80]})"
+            lines.append(f"{where}: {message}")
+        origin = f" in {os.fspath(source)}" if source is not None else ""
+        return cls(f"invalid configuration{origin}:\n  " + "\n  ".join(lines))
+
+
+class CircuitOpenError(GatewayBreakerError):
+    """The service's breaker is open (or half-open with every probe slot taken)."""
+
+    def __init__(self, service: str, retry_after: float) -> None:
+        self.service = service
+        self.retry_after = retry_after
+        super().__init__(f"circuit breaker for {service!r} is open; retry after {retry_after:.1f}s")
+
+
+class StoreError(GatewayBreakerError):
+    """A state store operation failed (wraps the client's own error)."""

@@ -1,0 +1,154 @@
+"""CircuitBreakerMiddleware: pure ASGI; guards each configured route prefix with its breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway_breaker.breaker import CircuitBreaker
+from gateway_breaker.config import Config
+from gateway_breaker.manager import CircuitBreakerManager
+from gateway_breaker.routing import RouteTable
+
+logger = logging.getLogger("gateway_breaker")
+
+
+class CircuitBreakerMiddleware:
+    """Answers 503 for a service whose breaker is open; counts failures of the others.
+
+    With no arguments, settings come from the environment and the YAML file named by
+    GATEWAY_BREAKER_CONFIG, and state is shared through Redis when REDIS_URL is set. `config=`
+    gives the settings, `manager=` an existing manager (its owner starts and closes it), and
+    `routes=` maps prefixes to services in place of the configured prefixes.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: Config | None = None,
+        manager: CircuitBreakerManager | None = None,
+        routes: Mapping[str, str] | None = None,
+    ) -> None:
+        self.app = app
+        if config is None:
+            config = manager.config if manager is not None else Config()
+        self.config = config
+        self.enabled = config.circuit_breaker.enabled
+        self._owns_manager = manager is None
+        if manager is None:
+            if self.enabled and config.redis.url is not None:
+                from gateway_breaker.store.redis import RedisStateStore
+
+                manager = CircuitBreakerManager(config, store=RedisStateStore(config.redis))
+            else:
+                manager = CircuitBreakerManager(config)
+        self.manager = manager
+        self.routes = RouteTable(routes if routes is not None else config.circuit_breaker.routes())
+        self._started: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.enabled:
+            if scope["type"] == "lifespan" and self.enabled:
+                await self._lifespan(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        service = self.routes.match(scope["path"])
+        if service is None:
+            await self.app(scope, receive, send)
+            return
+        if self._started is None and self._owns_manager:
+            # No lifespan (some test clients, some servers): start in the background, never wait.
+            self._started = asyncio.ensure_future(self._start())
+        breaker = self.manager.get(service)
+        permit = breaker.acquire()
+        if permit is None:
+            await _reject(breaker, send)
+            return
+
+        status = 0
+        complete = False
+        disconnected = False
+
+        async def send_watching(message: Message) -> None:
+            nonlocal status, complete
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+            await send(message)
+
+        async def receive_watching() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                disconnected = True
+            return message
+
+        try:
+            await self.app(scope, receive_watching, send_watching)
+        except Exception:
+            if not disconnected:
+                breaker.record(permit, failed=True)
+            raise
+        else:
+            # A client that left says nothing of the upstream: its permit is handed back below.
+            if not disconnected:
+                breaker.record(permit, status == 0 or breaker.policy.is_failure_status(status))
+        finally:
+            breaker.release(permit)  # no-op once recorded; frees the slot on cancellation
+
+    async def _start(self) -> None:
+        try:
+            await self.manager.start(self.routes.services())
+        except Exception:
+            logger.exception("Circuit breaker manager failed to start")
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_lifespan() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup" and self._owns_manager:
+                self._started = asyncio.ensure_future(self._start())
+                await self._started
+            return message
+
+        async def send_lifespan(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete" and self._owns_manager:
+                await self.manager.aclose()
+            await send(message)
+
+        await self.app(scope, receive_lifespan, send_lifespan)
+
+
+async def _reject(breaker: CircuitBreaker, send: Send) -> None:
+    retry_after = breaker.retry_after_header()
+    body = json.dumps(
+        {
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": f"Circuit breaker for service '{breaker.name}' is {breaker.state.value}",
+            "service": breaker.name,
+            "state": breaker.state.value,
+            "retry_after": retry_after,
+        },
+        separators=(",", ":"),
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(retry_after).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,103 @@
+"""Per-service breaker settings: thresholds, windows, what counts as a failure."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_RANGE = re.compile(r"^\s*(\d{3})\s*-\s*(\d{3})\s*$")
+_CLASS = re.compile(r"^\s*([1-5])[xX]{2}\s*$")
+
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+def _status_codes(value: Any) -> frozenset[int]:
+    """Accept ints, "500-599" ranges and "5xx" classes, alone or in a list."""
+    items = value if isinstance(value, list | tuple | set | frozenset) else [value]
+    codes: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"not a status code: {item!r}")
+        if isinstance(item, int):
+            low, high = item, item
+        elif isinstance(item, str) and (m := _RANGE.match(item)):
+            low, high = int(m.group(1)), int(m.group(2))
+        elif isinstance(item, str) and (m := _CLASS.match(item)):
+            low = int(m.group(1)) * 100
+            high = low + 99
+        elif isinstance(item, str) and item.strip().isdigit():
+            low = high = int(item)
+        else:
+            raise ValueError(f"not a status code, range (500-599) or class (5xx): {item!r}")
+        if not 100 <= low <= high <= 599:
+            raise ValueError(f"status codes must lie in 100-599 and ranges ascend: {item!r}")
+        codes.update(range(low, high + 1))
+    if not codes:
+        raise ValueError("at least one status code is needed")
+    return frozenset(codes)
+
+
+class Policy(BaseModel):
+    """When a service's breaker opens, how long it stays open, and how it probes.
+
+    Every field has a default; `circuit_breaker.defaults` overrides them for all services and a
+    service's own entry overrides those.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    failure_threshold: int = Field(5, ge=1, le=1_000_000)
+    """Consecutive failures that open the breaker."""
+    error_rate_threshold: float = Field(0.5, gt=0, le=1)
+    """Failure ratio over the rolling window that opens the breaker (once min_calls are in it)."""
+    window_seconds: PositiveSeconds = 10.0
+    """Length of the rolling window for the error rate."""
+    min_calls: int = Field(20, ge=1, le=1_000_000)
+    """Calls that must be in the window before the error rate can open the breaker."""
+    timeout_seconds: PositiveSeconds = 10.0
+    """Time the breaker stays open before it lets a probe through."""
+    half_open_max_calls: int = Field(1, ge=1, le=10_000)
+    """Probes allowed at once while half-open."""
+    success_threshold: int = Field(1, ge=1, le=10_000)
+    """Successful probes that close the breaker."""
+    slow_call_seconds: PositiveSeconds | None = None
+    """Calls slower than this count as failures; None turns the rule off."""
+    failure_status_codes: frozenset[int] = frozenset(range(500, 600))
+    """HTTP statuses that count as failures (ints, "500-599" ranges or "5xx" classes)."""
+
+    @field_validator("failure_status_codes", mode="before")
+    @classmethod
+    def _parse_status_codes(cls, value: Any) -> frozenset[int]:
+        return _status_codes(value)
+
+    def is_failure_status(self, status: int) -> bool:
+        return status in self.failure_status_codes
+
+
+class ServicePolicy(Policy):
+    """A configured upstream service: its policy plus where it lives."""
+
+    prefix: str | None = None
+    """Route prefix that belongs to the service; `/{name}` when left out."""
+    upstream: str | None = None
+    """Base URL the example gateway forwards to; unused by the middleware itself."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/") or "?" in value or "#" in value or "//" in value:
+            raise ValueError(f"a prefix is a path starting with '/': {value!r}")
+        return value.rstrip("/") or "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _check_upstream(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("upstream must be an http:// or https:// URL")
+        return value.rstrip("/")

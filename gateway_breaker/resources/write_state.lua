@@ -1,0 +1,25 @@
+-- Compare-and-set of one service's breaker state.
+-- KEYS[1]  state key
+-- ARGV[1]  version the writer last agreed with
+-- ARGV[2]  the new state as a JSON object, without "version" (this script appends it)
+-- ARGV[3]  TTL in seconds
+-- Returns {1, stored_json} when written, {0, current_json} when a newer version is stored.
+local current = redis.call('GET', KEYS[1])
+local expected = tonumber(ARGV[1])
+local stored = nil
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  -- Only a well-formed state's version counts; anything else is overwritten.
+  if ok and type(doc) == 'table'
+      and (doc['state'] == 'closed' or doc['state'] == 'open' or doc['state'] == 'half_open') then
+    stored = tonumber(doc['version'])
+  end
+end
+if stored ~= nil and stored > expected then
+  return {0, current}
+end
+local version = math.max(expected, stored or 0) + 1
+local body = string.sub(ARGV[2], 1, -2)
+local encoded = body .. ',"version":' .. string.format('%d', version) .. '}'
+redis.call('SET', KEYS[1], encoded, 'EX', tonumber(ARGV[3]))
+return {1, encoded}

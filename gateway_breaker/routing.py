@@ -1,0 +1,58 @@
+"""Route prefix -> service lookup: longest prefix wins, on path-segment boundaries."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class RouteTable:
+    """Maps request paths to service names.
+
+    `/sona` matches `/sona` and `/sona/x`, never `/sonar`. Lookup costs one dict probe per path
+    segment up to the deepest configured prefix, whatever the number of prefixes.
+    """
+
+    __slots__ = ("_depth", "_prefixes", "_root")
+
+    def __init__(self, routes: Mapping[str, str]) -> None:
+        prefixes: dict[str, str] = {}
+        root: str | None = None
+        for prefix, service in routes.items():
+            if not isinstance(prefix, str) or not prefix.startswith("/"):
+                raise ValueError(f"route prefix must start with '/': {prefix!r}")
+            normalized = prefix.rstrip("/")
+            if not normalized:
+                root = service
+            else:
+                prefixes[normalized] = service
+        self._prefixes = prefixes
+        self._root = root
+        self._depth = max((p.count("/") for p in prefixes), default=0)
+
+    def __len__(self) -> int:
+        return len(self._prefixes) + (self._root is not None)
+
+    def services(self) -> set[str]:
+        names = set(self._prefixes.values())
+        if self._root is not None:
+            names.add(self._root)
+        return names
+
+    def match(self, path: str) -> str | None:
+        """The service owning `path`, or None when no prefix covers it."""
+        prefixes = self._prefixes
+        # Ends of the first `depth` segments: "/a/b/c" -> "/a", "/a/b", "/a/b/c".
+        ends: list[int] = []
+        start = 1
+        for _ in range(self._depth):
+            end = path.find("/", start)
+            if end < 0:
+                ends.append(len(path))
+                break
+            ends.append(end)
+            start = end + 1
+        for end in reversed(ends):
+            service = prefixes.get(path[:end])
+            if service is not None:
+                return service
+        return self._root

@@ -1,0 +1,49 @@
+"""StateStore: where breakers share their state. Knows nothing of HTTP or of breakers' logic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway_breaker.breaker import BreakerSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Outcome of a compare-and-set write.
+
+    `accepted`: the snapshot was stored as `stored` (with its new version). Otherwise `stored`
+    is the newer state another instance wrote (None when the key holds nothing usable).
+    """
+
+    accepted: bool
+    stored: BreakerSnapshot | None
+
+
+class StateStore(Protocol):
+    """Shared breaker state, one record per service, versioned.
+
+    Every method may raise `StoreError` when the backend cannot be reached; callers keep working
+    in memory and try again later.
+    """
+
+    def describe(self) -> str:
+        """Where the store lives, safe to log (no password)."""
+        ...
+
+    async def connect(self) -> None:
+        """Open connections and check the backend answers."""
+        ...
+
+    async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
+        """Stored states of `services` in one round trip; absent or unusable ones are left out."""
+        ...
+
+    async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
+        """Store `snapshot` if the stored version is still `snapshot.version` (or absent)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections. Safe to call twice."""
+        ...

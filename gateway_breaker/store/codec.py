@@ -1,0 +1,82 @@
+"""The stored JSON of one breaker: the seed's fields plus a version. Strict on the way in."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from gateway_breaker.breaker import BreakerSnapshot, CircuitState
+
+MAX_STATE_BYTES = 4096
+_MAX_COUNT = 2**53
+_MAX_TIME = 2**41  # about the year 71,000: anything larger is not a Unix time
+
+
+def encode_state(snapshot: BreakerSnapshot) -> str:
+    """The seed's JSON without `version` (the store's write adds it). Times in Unix seconds."""
+    doc: dict[str, Any] = {
+        "state": snapshot.state.value,
+        "failure_count": snapshot.failure_count,
+        "success_count": snapshot.success_count,
+        "last_failure_time": _seconds(snapshot.last_failure_time),
+        "opened_at": _seconds(snapshot.opened_at),
+        # The seed's whole seconds would end an open period up to 1 s early elsewhere.
+        "opened_at_ms": None if snapshot.opened_at is None else round(snapshot.opened_at * 1000),
+    }
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def decode_state(raw: bytes | str) -> BreakerSnapshot:
+    """Parse a stored state; raises ValueError saying what is wrong with it."""
+    if len(raw) > MAX_STATE_BYTES:
+        raise ValueError(f"value is {len(raw)} bytes, more than {MAX_STATE_BYTES}")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"not a JSON object but {type(doc).__name__}")
+    try:
+        state = CircuitState(str(doc.get("state")))
+    except ValueError:
+        raise ValueError(f"unknown state {str(doc.get('state'))[:40]!r}") from None
+    opened_at = _time(doc, "opened_at")
+    opened_at_ms = _time(doc, "opened_at_ms")
+    if opened_at_ms is not None and (opened_at is None or abs(opened_at_ms / 1000 - opened_at) < 1):
+        opened_at = opened_at_ms / 1000
+    if state is CircuitState.OPEN and opened_at is None:
+        raise ValueError("state is open but opened_at is missing")
+    return BreakerSnapshot(
+        state=state,
+        failure_count=_count(doc, "failure_count"),
+        success_count=_count(doc, "success_count"),
+        last_failure_time=_time(doc, "last_failure_time"),
+        opened_at=opened_at,
+        version=_count(doc, "version"),
+    )
+
+
+def _seconds(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _count(doc: dict[str, Any], name: str) -> int:
+    value = doc.get(name, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_COUNT:
+        raise ValueError(f"{name} must be a non-negative integer, got {str(value)[:40]!r}")
+    return value
+
+
+def _time(doc: dict[str, Any], name: str) -> float | None:
+    value = doc.get(name)
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be Unix seconds, got {str(value)[:40]!r}")
+    limit = _MAX_TIME * 1000 if name.endswith("_ms") else _MAX_TIME
+    if not math.isfinite(value) or not 0 < value < limit:
+        raise ValueError(f"{name} is out of range: {value!r}")
+    return float(value)
