@@ -74,6 +74,16 @@ class RedisServer:
         self.paused = False
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI nothing may be skipped: a skip (say, for a missing redis-server) is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, which must run everything: {report.longrepr}"
+
+
 @pytest.fixture(scope="session")
 def redis_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the session's key-only tests (isolate with `key_prefix`)."""
