@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class BreakerSnapshot:
     last_failure_time: float | None = None
     opened_at: float | None = None
     version: int = 0
+    open_seconds: float | None = None
+    """Length of the current open period when it differs from the policy's (backoff)."""
 
 
 class Permit:
@@ -41,16 +44,18 @@ class Permit:
     A permit belongs to the generation that issued it; after a transition it counts for nothing.
     """
 
-    __slots__ = ("done", "generation", "probe", "started")
+    __slots__ = ("done", "generation", "lease", "probe", "started")
 
     def __init__(self, generation: int, probe: bool, started: float) -> None:
         self.generation = generation
         self.probe = probe
         self.started = started
         self.done = False
+        self.lease: str | None = None  # fleet-wide probe slot held for this call, if any
 
 
 TransitionListener = Callable[["CircuitBreaker", CircuitState], None]
+ProbeListener = Callable[["CircuitBreaker", Permit], None]
 
 
 class CircuitBreaker:
@@ -64,13 +69,17 @@ class CircuitBreaker:
 
     __slots__ = (
         "_in_flight",
+        "_probe_hold_until",
+        "_random",
         "_window",
         "clock",
         "failure_count",
         "generation",
         "last_failure_time",
         "name",
+        "on_probe_done",
         "on_transition",
+        "open_seconds",
         "open_until",
         "opened_at",
         "policy",
@@ -86,17 +95,23 @@ class CircuitBreaker:
         *,
         clock: Clock = time.time,
         on_transition: TransitionListener | None = None,
+        on_probe_done: ProbeListener | None = None,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self.name = name
         self.policy = policy
         self.clock = clock
         self.on_transition = on_transition
+        self.on_probe_done = on_probe_done
+        self._random = rng
         self.state = CircuitState.CLOSED
         self.failure_count = 0
         self.success_count = 0
         self.last_failure_time: float | None = None
         self.opened_at: float | None = None
         self.open_until = 0.0
+        self.open_seconds = policy.timeout_seconds
+        self._probe_hold_until = 0.0  # another instance holds the fleet's probe slots
         self.generation = 0
         self.version = 0  # version of the stored state this breaker last agreed with
         self._in_flight = 0  # probes out while half-open
@@ -117,7 +132,7 @@ class CircuitBreaker:
             if now < self.open_until:
                 return None
             self._transition(CircuitState.HALF_OPEN, now)
-        if self._in_flight >= self.policy.half_open_max_calls:
+        if self._in_flight >= self.policy.half_open_max_calls or now < self._probe_hold_until:
             return None
         self._in_flight += 1
         return Permit(self.generation, True, now)
@@ -128,6 +143,7 @@ class CircuitBreaker:
             return
         permit.done = True
         if permit.generation != self.generation:
+            self._probe_done(permit)
             return
         now = self.clock()
         slow = self.policy.slow_call_seconds
@@ -135,6 +151,7 @@ class CircuitBreaker:
             failed = True
         if permit.probe:
             self._in_flight -= 1
+            self._probe_done(permit)
         if failed:
             self._on_failure(now)
         else:
@@ -147,6 +164,15 @@ class CircuitBreaker:
         permit.done = True
         if permit.probe and permit.generation == self.generation:
             self._in_flight -= 1
+        self._probe_done(permit)
+
+    def hold_probes(self, seconds: float) -> None:
+        """Let no probe through for `seconds`: another instance holds the probe slots."""
+        self._probe_hold_until = self.clock() + seconds
+
+    def _probe_done(self, permit: Permit) -> None:
+        if permit.lease is not None and self.on_probe_done is not None:
+            self.on_probe_done(self, permit)
 
     def retry_after(self) -> float:
         """Seconds until a call may be let through again (0 when it may be now)."""
@@ -195,9 +221,11 @@ class CircuitBreaker:
         self.state = state
         self.generation += 1
         self._in_flight = 0
+        self._probe_hold_until = 0.0
         if state is CircuitState.OPEN:
+            self.open_seconds = self._next_open_seconds(previous)
             self.opened_at = now
-            self.open_until = now + self.policy.timeout_seconds
+            self.open_until = now + self.open_seconds
             self.success_count = 0
         elif state is CircuitState.HALF_OPEN:
             self.success_count = 0
@@ -207,6 +235,15 @@ class CircuitBreaker:
             self._window.reset()
         if self.on_transition is not None:
             self.on_transition(self, previous)
+
+    def _next_open_seconds(self, previous: CircuitState) -> float:
+        """The policy's timeout; with backoff, doubled (with jitter) on each failed probe."""
+        policy = self.policy
+        if policy.max_timeout_seconds is None or previous is not CircuitState.HALF_OPEN:
+            return policy.timeout_seconds
+        target = min(policy.max_timeout_seconds, max(self.open_seconds, policy.timeout_seconds) * 2)
+        # Up to 20% less, so that breakers opened together do not probe together.
+        return max(policy.timeout_seconds, target * (1 - 0.2 * self._random()))
 
     # -- sharing ---------------------------------------------------------------------------
 
@@ -218,13 +255,16 @@ class CircuitBreaker:
             last_failure_time=self.last_failure_time,
             opened_at=self.opened_at,
             version=self.version,
+            open_seconds=(
+                self.open_seconds if self.open_seconds != self.policy.timeout_seconds else None
+            ),
         )
 
     def restore(self, snapshot: BreakerSnapshot) -> bool:
         """Adopt a state another instance stored. Returns whether the state changed.
 
-        Calls in flight count for nothing afterwards; no transition is reported, since this
-        transition is already the fleet's.
+        On a change, calls in flight count for nothing afterwards. No transition is reported:
+        this transition is already the fleet's.
         """
         changed = snapshot.state is not self.state
         self.state = snapshot.state
@@ -233,12 +273,14 @@ class CircuitBreaker:
         self.last_failure_time = snapshot.last_failure_time
         self.opened_at = snapshot.opened_at
         self.version = snapshot.version
+        self.open_seconds = snapshot.open_seconds or self.policy.timeout_seconds
         if snapshot.state is CircuitState.OPEN:
             start = snapshot.opened_at if snapshot.opened_at is not None else self.clock()
-            self.open_until = start + self.policy.timeout_seconds
-        if changed or snapshot.state is not CircuitState.CLOSED:
+            self.open_until = start + self.open_seconds
+        if changed:
             self.generation += 1
             self._in_flight = 0
-        if snapshot.state is CircuitState.CLOSED and changed:
-            self._window.reset()
+            self._probe_hold_until = 0.0
+            if snapshot.state is CircuitState.CLOSED:
+                self._window.reset()
         return changed

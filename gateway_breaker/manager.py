@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from gateway_breaker.breaker import CircuitBreaker, CircuitState, Clock
+from gateway_breaker.breaker import CircuitBreaker, CircuitState, Clock, Permit
 from gateway_breaker.config import Config, check_service_name
 from gateway_breaker.errors import CircuitOpenError, ConfigError
 
@@ -63,7 +63,10 @@ class CircuitBreakerManager:
             raise ConfigError("redis.url: a Redis URL is needed (set REDIS_URL)")
         from gateway_breaker.store.redis import RedisStateStore
 
-        manager = cls(config, store=RedisStateStore(config.redis), clock=clock)
+        store = (
+            RedisStateStore(config.redis, clock=clock) if clock else RedisStateStore(config.redis)
+        )
+        manager = cls(config, store=store, clock=clock)
         await manager.start()
         return manager
 
@@ -78,13 +81,20 @@ class CircuitBreakerManager:
                 self._sync.track(service)
         return breaker
 
+    def find(self, service: str) -> CircuitBreaker | None:
+        """The breaker of `service` if it exists; never creates one."""
+        return self._breakers.get(service)
+
     def breakers(self) -> dict[str, CircuitBreaker]:
         """Every breaker created so far, by service name (a copy)."""
         return dict(self._breakers)
 
     def _create(self, service: str) -> CircuitBreaker:
         check_service_name(service)
-        kwargs: dict[str, Any] = {"on_transition": self._on_transition}
+        kwargs: dict[str, Any] = {
+            "on_transition": self._on_transition,
+            "on_probe_done": self._on_probe_done,
+        }
         if self._clock is not None:
             kwargs["clock"] = self._clock
         breaker = CircuitBreaker(service, self.config.policy(service), **kwargs)
@@ -101,6 +111,20 @@ class CircuitBreakerManager:
         )
         if self._sync is not None:
             self._sync.mark_dirty(breaker.name)
+
+    def _on_probe_done(self, breaker: CircuitBreaker, permit: Permit) -> None:
+        if self._sync is not None and permit.lease is not None:
+            self._sync.free_probe(breaker.name, permit.lease)
+
+    async def lease_probe(self, breaker: CircuitBreaker, permit: Permit) -> bool:
+        """For a probe permit: take a fleet-wide probe slot (one bounded round trip).
+
+        False means another instance is probing: `permit` was handed back and the call must be
+        rejected. In memory, or with Redis unreachable, the breaker's own limit decides: True.
+        """
+        if self._sync is None:
+            return True
+        return await self._sync.acquire_probe(breaker, permit)
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -124,6 +148,8 @@ class CircuitBreakerManager:
                 # Once per service: a fresh instance should honour a breaker the fleet opened.
                 await self._sync.load_first(service)
         permit = breaker.acquire()
+        if permit is not None and permit.probe and not await self.lease_probe(breaker, permit):
+            permit = None
         if permit is None:
             raise CircuitOpenError(service, breaker.retry_after())
         try:

@@ -67,6 +67,12 @@ class CircuitBreakerMiddleware:
             self._started = asyncio.ensure_future(self._start())
         breaker = self.manager.get(service)
         permit = breaker.acquire()
+        if (
+            permit is not None
+            and permit.probe
+            and not await self.manager.lease_probe(breaker, permit)
+        ):
+            permit = None  # another instance holds the fleet's probe slots
         if permit is None:
             await _reject(breaker, send)
             return

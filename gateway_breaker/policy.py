@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _RANGE = re.compile(r"^\s*(\d{3})\s*-\s*(\d{3})\s*$")
 _CLASS = re.compile(r"^\s*([1-5])[xX]{2}\s*$")
@@ -58,6 +58,9 @@ class Policy(BaseModel):
     """Calls that must be in the window before the error rate can open the breaker."""
     timeout_seconds: PositiveSeconds = 10.0
     """Time the breaker stays open before it lets a probe through."""
+    max_timeout_seconds: PositiveSeconds | None = None
+    """With backoff: each failed probe doubles the open period (less up to 20% jitter) up to
+    this; None keeps every open period at timeout_seconds."""
     half_open_max_calls: int = Field(1, ge=1, le=10_000)
     """Probes allowed at once while half-open."""
     success_threshold: int = Field(1, ge=1, le=10_000)
@@ -71,6 +74,12 @@ class Policy(BaseModel):
     @classmethod
     def _parse_status_codes(cls, value: Any) -> frozenset[int]:
         return _status_codes(value)
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Policy:
+        if self.max_timeout_seconds is not None and self.max_timeout_seconds < self.timeout_seconds:
+            raise ValueError("max_timeout_seconds must not be less than timeout_seconds")
+        return self
 
     def is_failure_status(self, status: int) -> bool:
         return status in self.failure_status_codes

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from gateway_breaker.breaker import BreakerSnapshot, CircuitBreaker, CircuitState
+from gateway_breaker.breaker import BreakerSnapshot, CircuitBreaker, CircuitState, Permit
 from gateway_breaker.config import RedisSettings
 from gateway_breaker.errors import StoreError
 from gateway_breaker.store.base import StateStore
@@ -30,6 +32,10 @@ FLUSH_TIMEOUT_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 5.0
 # A service's first call waits at most this long for the fleet's state of it.
 FIRST_LOAD_TIMEOUT_SECONDS = 0.25
+# The one round trip a request may wait on: taking a fleet-wide probe slot.
+PROBE_LEASE_TIMEOUT_SECONDS = 0.25
+# A prober that dies frees its slot after this long at least (longer for long open periods).
+MIN_PROBE_LEASE_SECONDS = 5.0
 
 
 class StateSync:
@@ -41,8 +47,11 @@ class StateSync:
         self._interval = settings.sync_interval_seconds
         self._dirty: set[str] = set()
         self._to_load: set[str] = set()
+        self._leases_to_free: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tokens = itertools.count()
+        self._instance = uuid.uuid4().hex[:12]
         self.connected = False
         self._outage_logged = False
         self._closing = False
@@ -57,6 +66,40 @@ class StateSync:
         self._to_load.add(service)
         self._wake.set()
 
+    def free_probe(self, service: str, token: str) -> None:
+        self._leases_to_free.add((service, token))
+        self._wake.set()
+
+    # -- the one bounded round trip a request may take -------------------------------------
+
+    async def acquire_probe(self, breaker: CircuitBreaker, permit: Permit) -> bool:
+        """Take a fleet-wide probe slot for `permit`. False: another instance probes.
+
+        Without Redis (or when it does not answer in time) the breaker's own per-instance
+        limit is all there is, and the probe goes ahead.
+        """
+        if not self.connected:
+            return True
+        policy = breaker.policy
+        token = f"{self._instance}:{next(self._tokens)}"
+        lease = max(MIN_PROBE_LEASE_SECONDS, policy.timeout_seconds, policy.slow_call_seconds or 0)
+        try:
+            wait = await self.store.acquire_probe(
+                breaker.name, token, policy.half_open_max_calls, lease, PROBE_LEASE_TIMEOUT_SECONDS
+            )
+        except StoreError as exc:
+            self._lost(exc)
+            return True
+        if wait == 0:
+            permit.lease = token
+            if permit.generation == breaker.generation:
+                return True
+            breaker.release(permit)  # the fleet moved on while we asked; frees the slot
+            return False
+        breaker.release(permit)
+        breaker.hold_probes(wait)
+        return False
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, services: list[str]) -> None:
@@ -69,13 +112,17 @@ class StateSync:
             await self._reconcile(services)
         except StoreError as exc:
             self._lost(exc)
-        self._task = asyncio.create_task(self._run(), name="gateway-breaker-sync")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="gateway-breaker-sync"),
+            asyncio.create_task(self._listen(), name="gateway-breaker-events"),
+        ]
 
     async def aclose(self) -> None:
         self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.connected and self._dirty:
@@ -127,11 +174,42 @@ class StateSync:
                     await self._reconcile(names)
                 if self._dirty:
                     await self._flush()
+                while self._leases_to_free:
+                    service, token = self._leases_to_free.pop()
+                    await self.store.release_probe(service, token)
                 if time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + self._interval
                     await self._reconcile(list(self._manager.breakers()))
             except StoreError as exc:
                 self._lost(exc)
+
+    async def _listen(self) -> None:
+        """Apply other instances' transitions as they are announced (milliseconds)."""
+        backoff = 0.05
+        while not self._closing:
+            if not self.connected:
+                await self._sleep(0.05)
+                continue
+            try:
+                async for event in self.store.events():
+                    if event is None:
+                        # (Re)subscribed: what was announced while cut off is lost; re-read.
+                        backoff = 0.05
+                        self._to_load.update(self._manager.breakers())
+                        self._wake.set()
+                    else:
+                        self._apply(*event)
+            except StoreError as exc:
+                logger.debug("Circuit breaker event subscription lost: %s", exc)
+            await self._sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _apply(self, service: str, snapshot: BreakerSnapshot) -> None:
+        breaker = self._manager.find(service)
+        if breaker is None or snapshot.version <= breaker.version:
+            return  # not ours to care about, or older than what we know
+        self._dirty.discard(service)  # a newer fleet state supersedes our unsent change
+        self._adopt(breaker, snapshot)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -212,7 +290,8 @@ class StateSync:
                     self._lost(exc, name)
                 raise
             if result.accepted and result.stored is not None:
-                breaker.version = result.stored.version
+                # An announcement of a still newer state may have arrived meanwhile.
+                breaker.version = max(breaker.version, result.stored.version)
                 logger.debug(
                     "Persisted circuit breaker state to Redis (service=%s, state=%s)",
                     name,

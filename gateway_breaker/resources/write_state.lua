@@ -1,8 +1,13 @@
--- Compare-and-set of one service's breaker state.
+-- Compare-and-set of one service's breaker state, announced to the fleet.
 -- KEYS[1]  state key
+-- KEYS[2]  probe lease key (cleared when the breaker opens or closes: a new period starts)
 -- ARGV[1]  version the writer last agreed with
 -- ARGV[2]  the new state as a JSON object, without "version" (this script appends it)
 -- ARGV[3]  TTL in seconds
+-- ARGV[4]  channel to announce the stored state on
+-- ARGV[5]  service name (service names are validated: no quotes or backslashes)
+-- ARGV[6]  the new state's name
+-- ARGV[7]  writer's instance id (an instance ignores its own announcements)
 -- Returns {1, stored_json} when written, {0, current_json} when a newer version is stored.
 local current = redis.call('GET', KEYS[1])
 local expected = tonumber(ARGV[1])
@@ -22,4 +27,9 @@ local version = math.max(expected, stored or 0) + 1
 local body = string.sub(ARGV[2], 1, -2)
 local encoded = body .. ',"version":' .. string.format('%d', version) .. '}'
 redis.call('SET', KEYS[1], encoded, 'EX', tonumber(ARGV[3]))
+if ARGV[6] ~= 'half_open' then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PUBLISH', ARGV[4],
+  '{"origin":"' .. ARGV[7] .. '","service":"' .. ARGV[5] .. '","state":' .. encoded .. '}')
 return {1, encoded}

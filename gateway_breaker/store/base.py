@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +42,24 @@ class StateStore(Protocol):
 
     async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
         """Store `snapshot` if the stored version is still `snapshot.version` (or absent)."""
+        ...
+
+    async def acquire_probe(
+        self, service: str, token: str, slots: int, lease_seconds: float, limit: float
+    ) -> float:
+        """Take one of `slots` fleet-wide half-open probe slots for `lease_seconds`.
+
+        Returns 0.0 when taken, else the seconds until a slot may free up. Bounded by `limit`.
+        """
+        ...
+
+    async def release_probe(self, service: str, token: str) -> None:
+        """Give a probe slot back before its lease runs out."""
+        ...
+
+    def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot] | None]:
+        """States as instances write them; None once subscribed (re-read then: anything
+        published while cut off is lost). Raises `StoreError` when the subscription breaks."""
         ...
 
     async def aclose(self) -> None:

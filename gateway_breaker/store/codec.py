@@ -24,6 +24,8 @@ def encode_state(snapshot: BreakerSnapshot) -> str:
         # The seed's whole seconds would end an open period up to 1 s early elsewhere.
         "opened_at_ms": None if snapshot.opened_at is None else round(snapshot.opened_at * 1000),
     }
+    if snapshot.open_seconds is not None:
+        doc["open_ms"] = round(snapshot.open_seconds * 1000)
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -54,7 +56,17 @@ def decode_state(raw: bytes | str) -> BreakerSnapshot:
         last_failure_time=_time(doc, "last_failure_time"),
         opened_at=opened_at,
         version=_count(doc, "version"),
+        open_seconds=_open_seconds(doc),
     )
+
+
+def _open_seconds(doc: dict[str, Any]) -> float | None:
+    value = doc.get("open_ms")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 86_400_000:
+        raise ValueError(f"open_ms must be 1-86400000, got {str(value)[:40]!r}")
+    return value / 1000
 
 
 def _seconds(value: float | None) -> int | None:

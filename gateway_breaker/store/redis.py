@@ -1,13 +1,22 @@
-"""Redis state store: one pool per process, versioned compare-and-set writes in Lua."""
+"""Redis state store: one pool per process, versioned compare-and-set writes in Lua, pub/sub.
+
+Times cross the wire on Redis's clock. Each round trip that reads state also reads Redis `TIME`,
+so the store knows how far this host's clock is from Redis's and translates both ways: an open
+period ends at the same moment on every instance, whatever the skew between their hosts.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import replace
 from importlib.resources import files
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -16,33 +25,46 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from gateway_breaker.breaker import BreakerSnapshot
+from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url
 from gateway_breaker.errors import ConfigError, StoreError
 from gateway_breaker.store.base import WriteResult
 from gateway_breaker.store.codec import decode_state, encode_state
 
 logger = logging.getLogger("gateway_breaker")
-WRITE_STATE_LUA = files("gateway_breaker").joinpath("resources/write_state.lua").read_text()
+T = TypeVar("T")
+
+
+def _script(name: str) -> str:
+    return files("gateway_breaker").joinpath(f"resources/{name}.lua").read_text()
+
+
+WRITE_STATE_LUA = _script("write_state")
+ACQUIRE_PROBE_LUA = _script("acquire_probe")
 
 
 class RedisStateStore:
     """Breaker state in Redis under `{key_prefix}:{service}:state`, one JSON value per service.
 
-    Nothing here runs on the request path: the manager's background sync calls it. Every call is
-    bounded by the configured socket timeout and raises `StoreError` on any Redis failure.
+    Nothing here runs on a steady request path: the manager's background sync calls it, and a
+    half-open probe lease is one bounded round trip. Every call is bounded by the configured
+    socket timeout and raises `StoreError` on any Redis failure.
     """
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(self, settings: RedisSettings, *, clock: Clock = time.time) -> None:
         if settings.url is None:
             raise ConfigError("redis.url: a Redis URL is needed (set REDIS_URL)")
         scheme = urlsplit(settings.url).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"redis.url: {scheme}:// URLs are not supported yet")
         self.settings = settings
+        self.channel = f"{settings.key_prefix}:events"
+        self._clock = clock
         self._client: Redis | None = None
-        self._write_script: AsyncScript | None = None
+        self._scripts: dict[str, AsyncScript] = {}
         self._bad: dict[str, str] = {}  # service -> last unusable value, so it is logged once
+        self.offset = 0.0  # Redis clock minus ours, in seconds
+        self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
 
     def describe(self) -> str:
         return redact_url(self.settings.url or "")
@@ -62,62 +84,125 @@ class RedisStateStore:
                 "client_name": "gateway-breaker",
             }
             if urlsplit(s.url or "").scheme == "rediss":
-                kwargs |= {
-                    k: v
-                    for k, v in {
-                        "ssl_ca_certs": s.ssl_ca_certs,
-                        "ssl_certfile": s.ssl_certfile,
-                        "ssl_keyfile": s.ssl_keyfile,
-                    }.items()
-                    if v is not None
+                tls = {
+                    "ssl_ca_certs": s.ssl_ca_certs,
+                    "ssl_certfile": s.ssl_certfile,
+                    "ssl_keyfile": s.ssl_keyfile,
                 }
+                kwargs |= {k: v for k, v in tls.items() if v is not None}
             pool = BlockingConnectionPool.from_url(s.url or "", **kwargs)
             self._client = Redis.from_pool(pool)
+            self._scripts = {
+                "write": self._client.register_script(WRITE_STATE_LUA),
+                "probe": self._client.register_script(ACQUIRE_PROBE_LUA),
+            }
         return self._client
 
-    async def _run(self, what: str, coro: Any) -> Any:
+    async def _run(self, what: str, call: Awaitable[T], limit: float | None = None) -> T:
+        bound = limit if limit is not None else self.settings.socket_timeout_seconds * 2
         try:
-            async with asyncio.timeout(self.settings.socket_timeout_seconds * 2):
-                return await coro
+            async with asyncio.timeout(bound):
+                return await call
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreError(
-                f"{what}: {type(exc).__name__}: {_safe(exc, self.settings.url)}"
-            ) from exc
+            text = _safe(exc, self.settings.url)
+            raise StoreError(f"{what}: {type(exc).__name__}: {text}") from exc
+
+    def _key(self, service: str, kind: str = "state") -> str:
+        return f"{self.settings.key_prefix}:{service}:{kind}"
+
+    # -- the StateStore protocol -----------------------------------------------------------
 
     async def connect(self) -> None:
-        client = self._redis()
-        await self._run("PING", client.ping())
+        await self.load([])
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
-        if not services:
-            return {}
-        keys = [self.settings.state_key(s) for s in services]
-        values = await self._run("MGET", self._redis().mget(keys))
+        pipe = self._redis().pipeline(transaction=False)
+        pipe.time()
+        if services:
+            pipe.mget([self._key(s) for s in services])
+        sent = self._clock()
+        replies = await self._run("TIME/MGET", pipe.execute())
+        # Redis read its clock about halfway through the round trip.
+        seconds, micros = replies[0]
+        self.offset = seconds + micros / 1e6 - (sent + self._clock()) / 2
         found: dict[str, BreakerSnapshot] = {}
-        for service, raw in zip(services, values, strict=True):
-            if raw is None:
-                continue
-            snapshot = self._decode(service, raw)
-            if snapshot is not None:
+        for service, raw in zip(services, replies[1] if services else [], strict=True):
+            if raw is not None and (snapshot := self._decode(service, raw)) is not None:
                 found[service] = snapshot
         return found
 
     async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
-        if self._write_script is None:
-            # register_script re-loads the script when a restarted Redis has forgotten it.
-            self._write_script = self._redis().register_script(WRITE_STATE_LUA)
+        self._redis()
+        fleet = _shift(snapshot, self.offset)
         args: list[str | int] = [
             snapshot.version,
-            encode_state(snapshot),
+            encode_state(fleet),
             self.settings.state_ttl_seconds,
+            self.channel,
+            service,
+            snapshot.state.value,
+            self.instance,
         ]
-        reply = await self._run(
-            "EVALSHA", self._write_script(keys=[self.settings.state_key(service)], args=args)
-        )
+        keys = [self._key(service), self._key(service, "probe")]
+        reply = await self._run("EVALSHA", self._scripts["write"](keys=keys, args=args))
         accepted, raw = int(reply[0]), reply[1]
         return WriteResult(accepted=bool(accepted), stored=self._decode(service, raw))
 
-    def _decode(self, service: str, raw: bytes) -> BreakerSnapshot | None:
+    async def acquire_probe(
+        self, service: str, token: str, slots: int, lease_seconds: float, limit: float
+    ) -> float:
+        """Take a fleet-wide probe slot: 0.0 when taken, else seconds until one may free up."""
+        self._redis()
+        args: list[str | int] = [token, slots, max(1, round(lease_seconds * 1000))]
+        call = self._scripts["probe"](keys=[self._key(service, "probe")], args=args)
+        wait_ms = await self._run("EVALSHA", call, limit)
+        return int(wait_ms) / 1000
+
+    async def release_probe(self, service: str, token: str) -> None:
+        await self._run("ZREM", self._redis().zrem(self._key(service, "probe"), token))
+
+    async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot] | None]:
+        """Stored states as instances write them; None once subscribed. Raises StoreError
+        when cut off: pub/sub drops what is published meanwhile, so re-read after that."""
+        pubsub = self._redis().pubsub()
+        try:
+            await self._run("SUBSCRIBE", pubsub.subscribe(self.channel))
+            yield None
+            while True:
+                try:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+                except (RedisError, OSError) as exc:
+                    raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
+                if message is None or message.get("type") != "message":
+                    continue
+                event = self._decode_event(message["data"])
+                if event is not None:
+                    yield event
+        finally:
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose(close_connection_pool=True)
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def _decode_event(self, data: bytes) -> tuple[str, BreakerSnapshot] | None:
+        try:
+            doc = json.loads(data)
+            service = doc["service"]
+            raw = json.dumps(doc["state"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(service, str) or doc.get("origin") == self.instance:
+            return None
+        snapshot = self._decode(service, raw)
+        return None if snapshot is None else (service, snapshot)
+
+    def _decode(self, service: str, raw: bytes | str) -> BreakerSnapshot | None:
         try:
             snapshot = decode_state(raw)
         except ValueError as exc:
@@ -131,14 +216,22 @@ class RedisStateStore:
                 )
             return None
         self._bad.pop(service, None)
+        return _shift(snapshot, -self.offset)
+
+
+def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
+    """The snapshot with its times moved to another clock."""
+    if not seconds:
         return snapshot
 
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        self._write_script = None
-        if client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose(close_connection_pool=True)
+    def moved(t: float | None) -> float | None:
+        return None if t is None else t + seconds
+
+    return replace(
+        snapshot,
+        opened_at=moved(snapshot.opened_at),
+        last_failure_time=moved(snapshot.last_failure_time),
+    )
 
 
 def _safe(exc: BaseException, url: str | None) -> str:
