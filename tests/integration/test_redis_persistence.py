@@ -107,7 +107,7 @@ async def test_every_transition_is_persisted_as_the_seed_json(
     doc = stored(redis_shared, key)
     assert doc is not None
     assert (doc["failure_count"], doc["success_count"]) == (0, 0)
-    assert doc["version"] == 4
+    assert doc["version"] == 5  # open, half_open, open, half_open, closed
 
 
 async def test_ttl_is_set_on_every_write(
