@@ -63,6 +63,9 @@ class Policy(BaseModel):
     this; None keeps every open period at timeout_seconds."""
     half_open_max_calls: int = Field(1, ge=1, le=10_000)
     """Probes allowed at once while half-open."""
+    probe_lease_seconds: PositiveSeconds = 10.0
+    """With Redis: longest time a fleet-wide probe slot is held; a prober that dies frees it
+    after this."""
     success_threshold: int = Field(1, ge=1, le=10_000)
     """Successful probes that close the breaker."""
     slow_call_seconds: PositiveSeconds | None = None

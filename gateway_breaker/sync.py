@@ -34,8 +34,6 @@ MAX_BACKOFF_SECONDS = 5.0
 FIRST_LOAD_TIMEOUT_SECONDS = 0.25
 # The one round trip a request may wait on: taking a fleet-wide probe slot.
 PROBE_LEASE_TIMEOUT_SECONDS = 0.25
-# A prober that dies frees its slot after this long at least (longer for long open periods).
-MIN_PROBE_LEASE_SECONDS = 5.0
 
 
 class StateSync:
@@ -82,10 +80,13 @@ class StateSync:
             return True
         policy = breaker.policy
         token = f"{self._instance}:{next(self._tokens)}"
-        lease = max(MIN_PROBE_LEASE_SECONDS, policy.timeout_seconds, policy.slow_call_seconds or 0)
         try:
             wait = await self.store.acquire_probe(
-                breaker.name, token, policy.half_open_max_calls, lease, PROBE_LEASE_TIMEOUT_SECONDS
+                breaker.name,
+                token,
+                policy.half_open_max_calls,
+                policy.probe_lease_seconds,
+                PROBE_LEASE_TIMEOUT_SECONDS,
             )
         except StoreError as exc:
             self._lost(exc)
