@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
-from gateway_breaker.errors import ConfigError
+from gateway_breaker.errors import ConfigError, redact_secrets
 from gateway_breaker.policy import Policy, ServicePolicy
 
 CONFIG_PATH_ENV = "GATEWAY_BREAKER_CONFIG"
@@ -214,7 +215,8 @@ class Config(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError.from_validation(exc, source=_yaml_path.get()) from None
+            source = _yaml_path.get() or os.environ.get(CONFIG_PATH_ENV)
+            raise ConfigError.from_validation(exc, source=source) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> Config:
@@ -258,9 +260,11 @@ def _existing_file(path: Path) -> Path:
 
 def _yaml_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
     try:
-        source = YamlConfigSettingsSource(settings_cls, yaml_file=path)
-    except Exception as exc:  # yaml.YAMLError and friends, with the line they fail on
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    if not isinstance(source.yaml_data, dict):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {redact_secrets(str(exc))}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return source
+    return InitSettingsSource(settings_cls, init_kwargs=data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -10,6 +11,13 @@ if TYPE_CHECKING:
 
 # Inputs of these fields may carry secrets and are never echoed in an error.
 _SECRET_FIELDS = ("url", "password", "sentinel_password")
+# Credentials inside any URL-looking input, wherever it was misplaced.
+_CREDENTIALS = re.compile(r"://[^@/\s]*@")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with the credentials of any URL in it replaced by '***'."""
+    return _CREDENTIALS.sub("://***@", text)
 
 
 class GatewayBreakerError(Exception):
@@ -31,7 +39,7 @@ class ConfigError(GatewayBreakerError, ValueError):
                 message = "unknown field"
             secret = any(str(part) in _SECRET_FIELDS for part in error["loc"])
             if not secret and error["type"] not in ("missing", "extra_forbidden"):
-                shown = repr(error.get("input"))
+                shown = redact_secrets(repr(error.get("input")))
                 message += f" (got {shown[:80]})"
             lines.append(f"{where}: {message}")
         origin = f" in {os.fspath(source)}" if source is not None else ""

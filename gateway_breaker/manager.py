@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from gateway_breaker.breaker import CircuitBreaker, CircuitState, Clock, Permit
 from gateway_breaker.config import Config, check_service_name
@@ -126,15 +126,26 @@ class CircuitBreakerManager:
             return True
         return await self._sync.acquire_probe(breaker, permit)
 
+    async def admit_probe(self, breaker: CircuitBreaker, permit: Permit) -> bool:
+        """`lease_probe`, and `permit` handed back if the caller is cancelled meanwhile."""
+        try:
+            leased = await self.lease_probe(breaker, permit)
+        except BaseException:
+            breaker.release(permit)  # the slot must not stay taken by a request that is gone
+            raise
+        return leased
+
     # -- calls -----------------------------------------------------------------------------
 
+    @overload
     async def call(
-        self,
-        service: str,
-        fn: Callable[..., Awaitable[T]] | Callable[..., T],
-        *args: Any,
-        **kwargs: Any,
-    ) -> T:
+        self, service: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T: ...
+
+    @overload
+    async def call(self, service: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+    async def call(self, service: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn(*args, **kwargs)` (sync or async) under the service's breaker.
 
         Returns its result and re-raises its exception, which counts as a failure. Raises
@@ -148,7 +159,7 @@ class CircuitBreakerManager:
                 # Once per service: a fresh instance should honour a breaker the fleet opened.
                 await self._sync.load_first(service)
         permit = breaker.acquire()
-        if permit is not None and permit.probe and not await self.lease_probe(breaker, permit):
+        if permit is not None and permit.probe and not await self.admit_probe(breaker, permit):
             permit = None
         if permit is None:
             raise CircuitOpenError(service, breaker.retry_after())
@@ -161,7 +172,7 @@ class CircuitBreakerManager:
             raise
         else:
             breaker.record(permit, failed=False)
-            return cast(T, result)
+            return result
         finally:
             breaker.release(permit)  # no-op once recorded; frees the slot on cancellation
 

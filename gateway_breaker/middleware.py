@@ -70,7 +70,7 @@ class CircuitBreakerMiddleware:
         if (
             permit is not None
             and permit.probe
-            and not await self.manager.lease_probe(breaker, permit)
+            and not await self.manager.admit_probe(breaker, permit)
         ):
             permit = None  # another instance holds the fleet's probe slots
         if permit is None:
@@ -82,12 +82,18 @@ class CircuitBreakerMiddleware:
         disconnected = False
 
         async def send_watching(message: Message) -> None:
-            nonlocal status, complete
+            nonlocal status, complete, disconnected
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
-            await send(message)
+                # Before the client has the whole response: its next request sees the outcome.
+                breaker.record(permit, breaker.policy.is_failure_status(status))
+            try:
+                await send(message)
+            except OSError:
+                disconnected = True  # ASGI 2.4: a send to a closed connection raises OSError
+                raise
 
         async def receive_watching() -> Message:
             nonlocal disconnected

@@ -1,0 +1,31 @@
+"""Builders shared by the unit tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway_breaker import Config, Policy
+
+
+def make_policy(**overrides: Any) -> Policy:
+    """A policy with small, test-friendly numbers; keyword arguments override them.
+
+    `min_calls` is high so only consecutive failures open the breaker unless a test asks for
+    the error-rate rule.
+    """
+    values: dict[str, Any] = {
+        "failure_threshold": 3,
+        "error_rate_threshold": 0.5,
+        "window_seconds": 10.0,
+        "min_calls": 1_000,
+        "timeout_seconds": 10.0,
+        "half_open_max_calls": 1,
+        "success_threshold": 1,
+    }
+    values.update(overrides)
+    return Policy.model_validate(values)
+
+
+def make_config(services: dict[str, dict[str, Any]], **circuit_breaker: Any) -> Config:
+    """A Config holding the given services, from keyword arguments only (env is cleared)."""
+    return Config(circuit_breaker={"services": services, **circuit_breaker})
