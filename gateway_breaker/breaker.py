@@ -83,6 +83,7 @@ class CircuitBreaker:
         "open_until",
         "opened_at",
         "policy",
+        "probed_period",
         "state",
         "success_count",
         "version",
@@ -110,6 +111,7 @@ class CircuitBreaker:
         self.last_failure_time: float | None = None
         self.opened_at: float | None = None
         self.open_until = 0.0
+        self.probed_period: float | None = None  # opened_at of the period the last probe ended
         self.open_seconds = policy.timeout_seconds
         self._probe_hold_until = 0.0  # another instance holds the fleet's probe slots
         self.generation = 0
@@ -222,6 +224,8 @@ class CircuitBreaker:
         self.generation += 1
         self._in_flight = 0
         self._probe_hold_until = 0.0
+        if previous is CircuitState.HALF_OPEN:
+            self.probed_period = self.opened_at
         if state is CircuitState.OPEN:
             self.open_seconds = self._next_open_seconds(previous)
             self.opened_at = now

@@ -209,8 +209,26 @@ class StateSync:
         breaker = self._manager.find(service)
         if breaker is None or snapshot.version <= breaker.version:
             return  # not ours to care about, or older than what we know
+        if self._outdated_by_us(breaker, snapshot):
+            breaker.version = snapshot.version  # our pending write goes on top of it
+            return
         self._dirty.discard(service)  # a newer fleet state supersedes our unsent change
         self._adopt(breaker, snapshot)
+
+    def _outdated_by_us(self, breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> bool:
+        """Whether our unsent change already knows more than `snapshot`.
+
+        Every instance sees an open period end and goes half-open on its own, so a stored
+        half_open of the period we probed carries nothing new; our probe's outcome (closed, or
+        open again) does, and must not be lost to it.
+        """
+        if breaker.name not in self._dirty or snapshot.state is not CircuitState.HALF_OPEN:
+            return False
+        if breaker.state is CircuitState.HALF_OPEN or snapshot.opened_at is None:
+            return False
+        ours = breaker.probed_period
+        tolerance = min(0.1, breaker.policy.timeout_seconds / 2)
+        return ours is not None and abs(snapshot.opened_at - ours) <= tolerance
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -298,6 +316,9 @@ class StateSync:
                     name,
                     snapshot.state.value,
                 )
+            elif result.stored is not None and self._outdated_by_us(breaker, result.stored):
+                breaker.version = result.stored.version
+                self._dirty.add(name)  # write again, on top of it
             elif result.stored is not None:
                 # Another instance wrote a newer state first: theirs is the fleet's.
                 self._dirty.discard(name)

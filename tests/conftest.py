@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +111,161 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def key_prefix() -> str:
     """A key prefix no other test uses."""
     return f"test_{uuid.uuid4().hex[:10]}"
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = port_for.select_random(ports=set(range(20000, 40000)))
+        if port_for.is_available(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisProcess:
+    """A redis-server (or sentinel) with arbitrary arguments, for topologies pytest-redis lacks."""
+
+    def __init__(self, datadir: Path, port: int, *args: str, sentinel_conf: str | None = None):
+        self.port = port
+        self.datadir = datadir
+        datadir.mkdir(parents=True, exist_ok=True)
+        command = [REDIS_SERVER]
+        if sentinel_conf is not None:
+            conf = datadir / f"sentinel-{port}.conf"
+            conf.write_text(sentinel_conf)
+            command += [str(conf), "--sentinel"]
+        command += ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command += ["--dir", str(datadir), "--logfile", str(datadir / f"redis-{port}.log"), *args]
+        self.command = command
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start: {self.command}") from None
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class RedisClusterServers:
+    """Three masters, slots split evenly, no replicas."""
+
+    def __init__(self, datadir: Path) -> None:
+        self.nodes = [
+            RedisProcess(
+                datadir / f"node{i}",
+                port := free_cluster_port(),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "2000",
+            )
+            for i in range(3)
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            deadline = time.monotonic() + 30
+            while client.cluster("info")["cluster_state"] != "ok":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("cluster did not become ok")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class RedisSentinelServers:
+    """A master, a replica and one sentinel (quorum 1) watching them as `mymaster`."""
+
+    service = "mymaster"
+
+    def __init__(self, datadir: Path) -> None:
+        master_port = port_for.select_random()
+        self.master = RedisProcess(datadir / "master", master_port)
+        self.replica = RedisProcess(
+            datadir / "replica",
+            port_for.select_random(),
+            "--replicaof", "127.0.0.1", str(master_port),
+        )  # fmt: skip
+        conf = (
+            f"sentinel monitor {self.service} 127.0.0.1 {master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 500\n"
+            f"sentinel failover-timeout {self.service} 2000\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        self.sentinel = RedisProcess(
+            datadir / "sentinel", port_for.select_random(), sentinel_conf=conf
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{self.service}"
+
+    def master_client(self) -> redis.Redis:
+        host, port = redis.Redis(port=self.sentinel.port).sentinel_get_master_addr_by_name(
+            self.service
+        )
+        return redis.Redis(host=host, port=port)
+
+    def start(self) -> None:
+        self.master.start()
+        self.replica.start()
+        self.sentinel.start()
+
+    def stop(self) -> None:
+        for server in (self.sentinel, self.replica, self.master):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A 3-master Redis Cluster for the session (isolate with `key_prefix`)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelServers]:
+    """Master + replica + sentinel of the test's own (free to fail over)."""
+    servers = RedisSentinelServers(tmp_path_factory.mktemp("sentinel"))
+    servers.start()
+    yield servers
+    servers.stop()

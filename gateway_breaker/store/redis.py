@@ -14,13 +14,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
@@ -54,13 +56,11 @@ class RedisStateStore:
     def __init__(self, settings: RedisSettings, *, clock: Clock = time.time) -> None:
         if settings.url is None:
             raise ConfigError("redis.url: a Redis URL is needed (set REDIS_URL)")
-        scheme = urlsplit(settings.url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(f"redis.url: {scheme}:// URLs are not supported yet")
+        self.topology = RedisTopology.parse(settings.url)
         self.settings = settings
         self.channel = f"{settings.key_prefix}:events"
         self._clock = clock
-        self._client: Redis | None = None
+        self._client: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._bad: dict[str, str] = {}  # service -> last unusable value, so it is logged once
         self.offset = 0.0  # Redis clock minus ours, in seconds
@@ -69,29 +69,10 @@ class RedisStateStore:
     def describe(self) -> str:
         return redact_url(self.settings.url or "")
 
-    def _redis(self) -> Redis:
+    def _redis(self) -> Redis | RedisCluster:
         # The pool binds to the running event loop, so it is made on first use, not in __init__.
         if self._client is None:
-            s = self.settings
-            kwargs: dict[str, Any] = {
-                "max_connections": s.pool_size,
-                "timeout": s.socket_timeout_seconds,  # wait for a free pooled connection
-                "socket_timeout": s.socket_timeout_seconds,
-                "socket_connect_timeout": s.connect_timeout_seconds,
-                # The sync loop retries with its own backoff; a command fails fast here.
-                "retry": Retry(NoBackoff(), 0),
-                "health_check_interval": 30,
-                "client_name": "gateway-breaker",
-            }
-            if urlsplit(s.url or "").scheme == "rediss":
-                tls = {
-                    "ssl_ca_certs": s.ssl_ca_certs,
-                    "ssl_certfile": s.ssl_certfile,
-                    "ssl_keyfile": s.ssl_keyfile,
-                }
-                kwargs |= {k: v for k, v in tls.items() if v is not None}
-            pool = BlockingConnectionPool.from_url(s.url or "", **kwargs)
-            self._client = Redis.from_pool(pool)
+            self._client = self.topology.client(self.settings)
             self._scripts = {
                 "write": self._client.register_script(WRITE_STATE_LUA),
                 "probe": self._client.register_script(ACQUIRE_PROBE_LUA),
@@ -108,6 +89,9 @@ class RedisStateStore:
             raise StoreError(f"{what}: {type(exc).__name__}: {text}") from exc
 
     def _key(self, service: str, kind: str = "state") -> str:
+        if self.topology.kind == "cluster":
+            # A service's keys share a hash slot, so one script may touch them all.
+            return f"{self.settings.key_prefix}:{{{service}}}:{kind}"
         return f"{self.settings.key_prefix}:{service}:{kind}"
 
     # -- the StateStore protocol -----------------------------------------------------------
@@ -116,17 +100,25 @@ class RedisStateStore:
         await self.load([])
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
-        pipe = self._redis().pipeline(transaction=False)
-        pipe.time()
-        if services:
-            pipe.mget([self._key(s) for s in services])
+        client = self._redis()
+        keys = [self._key(s) for s in services]
         sent = self._clock()
-        replies = await self._run("TIME/MGET", pipe.execute())
+        if isinstance(client, RedisCluster):
+            # Keys spread over slots: the client splits the MGET by node.
+            now = await self._run("TIME", client.time(target_nodes=RedisCluster.DEFAULT_NODE))
+            values = await self._run("MGET", client.mget_nonatomic(keys)) if keys else []
+        else:
+            pipe = client.pipeline(transaction=False)
+            pipe.time()
+            if keys:
+                pipe.mget(keys)
+            replies = await self._run("TIME/MGET", pipe.execute())
+            now, values = replies[0], (replies[1] if keys else [])
         # Redis read its clock about halfway through the round trip.
-        seconds, micros = replies[0]
+        seconds, micros = now
         self.offset = seconds + micros / 1e6 - (sent + self._clock()) / 2
         found: dict[str, BreakerSnapshot] = {}
-        for service, raw in zip(services, replies[1] if services else [], strict=True):
+        for service, raw in zip(services, values, strict=True):
             if raw is not None and (snapshot := self._decode(service, raw)) is not None:
                 found[service] = snapshot
         return found
@@ -184,7 +176,10 @@ class RedisStateStore:
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
+        if isinstance(client, RedisCluster):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+        elif client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose(close_connection_pool=True)
 
@@ -217,6 +212,101 @@ class RedisStateStore:
             return None
         self._bad.pop(service, None)
         return _shift(snapshot, -self.offset)
+
+
+@dataclass(frozen=True)
+class RedisTopology:
+    """What a Redis URL names: one server, a Sentinel-watched master, or a Cluster.
+
+    `redis://`, `rediss://` and `unix://` are read by redis-py itself. The others, as the
+    `limits` library writes them, are parsed here (redis-py's `from_url` does not know them):
+    `redis+sentinel://[user:pass@]h1:p1[,h2:p2]/service_name[/db]` and
+    `redis+cluster://[user:pass@]h1:p1[,h2:p2]`. The URL's credentials are the data nodes';
+    sentinels get `redis.sentinel_password`.
+    """
+
+    kind: str  # "single", "sentinel" or "cluster"
+    url: str
+    hosts: tuple[tuple[str, int], ...] = ()
+    service_name: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTopology:
+        parts = urlsplit(url)
+        if parts.scheme in ("redis", "rediss", "unix"):
+            return cls("single", url)
+        kind = {"redis+sentinel": "sentinel", "redis+cluster": "cluster"}.get(parts.scheme)
+        if kind is None:
+            raise ConfigError(f"redis.url: unsupported scheme {parts.scheme}://")
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        hosts = []
+        for item in hostlist.split(","):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"redis.url: {parts.scheme}:// needs host:port pairs")
+            hosts.append((host.strip("[]"), int(port)))
+        path = [p for p in parts.path.split("/") if p]
+        if kind == "sentinel" and not path:
+            raise ConfigError("redis.url: redis+sentinel:// needs the master's service name")
+        if kind == "cluster" and path:
+            raise ConfigError("redis.url: redis+cluster:// takes no path (a cluster has db 0)")
+        if len(path) > 1 and not path[1].isdigit():
+            raise ConfigError("redis.url: the database after the service name is a number")
+        return cls(
+            kind,
+            url,
+            tuple(hosts),
+            service_name=path[0] if path else "",
+            db=int(path[1]) if len(path) > 1 else 0,
+            username=unquote(user) or None,
+            password=unquote(password) or None,
+        )
+
+    def client(self, s: RedisSettings) -> Redis | RedisCluster:
+        """A client with one connection pool of `s.pool_size`, explicit timeouts, no retries."""
+        common: dict[str, Any] = {
+            "socket_timeout": s.socket_timeout_seconds,
+            "socket_connect_timeout": s.connect_timeout_seconds,
+            # The sync loop retries with its own backoff; a command fails fast here.
+            "retry": Retry(NoBackoff(), 0),
+            "client_name": "gateway-breaker",
+        }
+        tls = {"ssl_ca_certs": s.ssl_ca_certs, "ssl_certfile": s.ssl_certfile}
+        tls |= {"ssl_keyfile": s.ssl_keyfile}
+        tls = {k: v for k, v in tls.items() if v is not None}
+        auth: dict[str, Any] = {"username": self.username, "password": self.password}
+        if self.kind == "cluster":
+            return RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in self.hosts],
+                max_connections=s.pool_size,
+                **auth,
+                **common,
+            )
+        if self.kind == "sentinel":
+            sentinel_timeouts = {k: common[k] for k in ("socket_timeout", "socket_connect_timeout")}
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(self.hosts),
+                sentinel_kwargs={"password": s.sentinel_password, **sentinel_timeouts},
+                **common,
+            )
+            master: Redis = sentinel.master_for(
+                self.service_name, max_connections=s.pool_size, db=self.db, **auth
+            )
+            return master
+        if urlsplit(self.url).scheme == "rediss":
+            common |= tls
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=s.pool_size,
+            timeout=s.socket_timeout_seconds,  # wait for a free pooled connection
+            health_check_interval=30,
+            **common,
+        )
+        return Redis.from_pool(pool)
 
 
 def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
