@@ -30,8 +30,9 @@ def openssl(*args: str) -> None:
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
     d = tmp_path_factory.mktemp("tls")
+    ca_key, ca_crt = str(d / "ca.key"), str(d / "ca.crt")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=test-ca", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))  # fmt: skip
+            "-subj", "/CN=test-ca", "-keyout", ca_key, "-out", ca_crt)  # fmt: skip
     for name in ("server", "client"):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))  # fmt: skip
