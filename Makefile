@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench-smoke clean
+.PHONY: run fleet test lint bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(VENV)/.installed: pyproject.toml
 
 run: $(VENV)/.installed
 	$(BIN)/uvicorn examples.gateway:app --host 127.0.0.1 --port 8000
+
+# The compose fleet (redis, demo upstream, gateways on 8001/8002) as processes, without Docker.
+# Other ports: make fleet FLEET_ARGS="--redis-port 6391 --gateway-ports 8011,8012"
+fleet: $(VENV)/.installed
+	$(BIN)/python deploy/fleet.py $(FLEET_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

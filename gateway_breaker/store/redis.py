@@ -25,7 +25,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+
+try:  # redis-py >= 7
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - older redis-py
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
 from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url
@@ -271,10 +277,15 @@ class RedisTopology:
         common: dict[str, Any] = {
             "socket_timeout": s.socket_timeout_seconds,
             "socket_connect_timeout": s.connect_timeout_seconds,
-            # The sync loop retries with its own backoff; a command fails fast here.
-            "retry": Retry(NoBackoff(), 0),
+            # One immediate retry, on a broken connection only: a pooled connection that died
+            # with a restarted server fails once. Writes are compare-and-set, so a retry is safe;
+            # longer outages are the sync loop's, with its own backoff.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             "client_name": "gateway-breaker",
         }
+        if MaintNotificationsConfig is not None:
+            # Off: Redis 7 does not know it, and "auto" also skips the stale-connection check.
+            common["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
         tls = {"ssl_ca_certs": s.ssl_ca_certs, "ssl_certfile": s.ssl_certfile}
         tls |= {"ssl_keyfile": s.ssl_keyfile}
         tls = {k: v for k, v in tls.items() if v is not None}
