@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 from gateway_breaker import CircuitBreakerManager, CircuitOpenError, CircuitState, Config
 from tests.conftest import RedisServer
 from tests.helpers import wait_until
+from tests.integration.conftest import probe_burst
 
 pytestmark = pytest.mark.redis
 
@@ -105,26 +105,8 @@ async def test_one_probe_for_the_whole_fleet(fleet: Any) -> None:
         await wait_until(lambda m=m: m.get("discovery").state is CircuitState.OPEN)
         await wait_until(lambda m=m: m.get("discovery").retry_after() == 0, timeout=2)
 
-    release = asyncio.Event()
-    probes = 0
-
-    async def slow_upstream() -> str:
-        nonlocal probes
-        probes += 1
-        await release.wait()
-        return "ok"
-
-    async def request(manager: CircuitBreakerManager) -> str:
-        try:
-            return await manager.call("discovery", slow_upstream)
-        except CircuitOpenError:
-            return "rejected"
-
-    burst = [asyncio.create_task(request(managers[i % 3])) for i in range(24)]
-    await wait_until(lambda: sum(t.done() for t in burst) == 23, message="23 rejections")
+    probes, results = await probe_burst(managers, "discovery", 24)
     assert probes == 1
-    release.set()
-    results = await asyncio.gather(*burst)
     assert results.count("ok") == 1
     for m in managers:
         await wait_until(lambda m=m: m.get("discovery").state is CircuitState.CLOSED)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import port_for
@@ -57,15 +57,6 @@ def stored_state(server: RedisServer, key: str) -> Callable[[], str | None]:
         return None if doc is None else doc["state"]
 
     return state
-
-
-@pytest.fixture
-async def managers() -> AsyncIterator[list[CircuitBreakerManager]]:
-    """Managers a test creates; all closed at teardown."""
-    created: list[CircuitBreakerManager] = []
-    yield created
-    for manager in created:
-        await manager.aclose()
 
 
 async def test_every_transition_is_persisted_as_the_seed_json(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from gateway_breaker.errors import ConfigError
 from gateway_breaker.store.redis import RedisStateStore, RedisTopology
 from tests.conftest import RedisClusterServers, RedisSentinelServers, RedisServer
 from tests.helpers import wait_until
+from tests.integration.conftest import probe_burst
 
 pytestmark = pytest.mark.redis
 
@@ -76,14 +77,6 @@ def stored_state(topology: Topology, key_prefix: str, service: str) -> str | Non
     return None if raw is None else str(json.loads(raw)["state"])
 
 
-@pytest.fixture
-async def managers() -> AsyncIterator[list[CircuitBreakerManager]]:
-    created: list[CircuitBreakerManager] = []
-    yield created
-    for manager in created:
-        await manager.aclose()
-
-
 async def test_the_fleet_contract_holds_on_every_topology(
     topology: Topology, key_prefix: str, managers: list[CircuitBreakerManager]
 ) -> None:
@@ -108,26 +101,9 @@ async def test_the_fleet_contract_holds_on_every_topology(
     # One probe for the fleet, then closed everywhere.
     await wait_until(lambda: a.get("auth").retry_after() == 0, timeout=3)
     await wait_until(lambda: b.get("auth").retry_after() == 0, timeout=3)
-    release = asyncio.Event()
-    probes = 0
-
-    async def upstream() -> str:
-        nonlocal probes
-        probes += 1
-        await release.wait()
-        return "ok"
-
-    async def request(manager: CircuitBreakerManager) -> str:
-        try:
-            return await manager.call("auth", upstream)
-        except CircuitOpenError:
-            return "rejected"
-
-    burst = [asyncio.create_task(request((a, b, c)[i % 3])) for i in range(12)]
-    await wait_until(lambda: sum(t.done() for t in burst) == 11, message="11 rejections")
+    probes, results = await probe_burst([a, b, c], "auth", 12)
     assert probes == 1
-    release.set()
-    assert (await asyncio.gather(*burst)).count("ok") == 1
+    assert results.count("ok") == 1
     for m in (a, b, c):
         await wait_until(lambda m=m: m.get("auth").state is CircuitState.CLOSED)
     await wait_until(lambda: stored_state(topology, key_prefix, "auth") == "closed")
