@@ -1,0 +1,203 @@
+"""Helpers shared by the benchmark scripts: statistics, machine description, a clean env."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("gateway-breaker", "starlette", "fastapi", "pydantic", "pydantic-settings", "anyio")
+# Settings the package reads from the environment. A benchmark must never pick up a Redis URL
+# or a YAML file from the shell it was started in, so they are dropped before any Config().
+_ENV_PREFIXES = ("REDIS", "CIRCUIT_BREAKER", "GATEWAY_BREAKER")
+
+
+def clean_environment() -> None:
+    """Remove every variable the package's Config would read (this process only)."""
+    for name in list(os.environ):
+        if name.upper().startswith(_ENV_PREFIXES):
+            del os.environ[name]
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation; the median for q=0.5."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and extremes of repeated measurements."""
+    return {
+        "median": statistics.median(values),
+        "p25": quantile(values, 0.25),
+        "p75": quantile(values, 0.75),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def bootstrap_ratio_ci(
+    top: Sequence[float],
+    bottom: Sequence[float],
+    *,
+    resamples: int = 2_000,
+    confidence: float = 0.95,
+    seed: int = 20261129,
+) -> tuple[float, float]:
+    """Confidence interval of median(top) / median(bottom), resampling paired rounds."""
+    if len(top) != len(bottom) or not top:
+        raise ValueError("paired, non-empty samples needed")
+    rng = random.Random(seed)
+    n = len(top)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        below = statistics.median(bottom[i] for i in picks)
+        if below > 0:
+            ratios.append(statistics.median(top[i] for i in picks) / below)
+    if not ratios:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2
+    return quantile(ratios, tail), quantile(ratios, 1 - tail)
+
+
+def verdict(value: float, low: float, high: float, goal: float, *, inclusive: bool) -> str:
+    """ "met" / "MISSED" when the whole interval agrees, else "unclear" with the point's side."""
+
+    def meets(x: float) -> bool:
+        return x <= goal if inclusive else x < goal
+
+    if meets(value) and meets(high):
+        return "met"
+    if not meets(value) and not meets(low):
+        return "MISSED"
+    return "unclear (met?)" if meets(value) else "unclear (missed?)"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git(*args: str) -> str:
+    """Output of a read-only git command in the repository, or "" when git is unavailable."""
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def package_digest() -> str:
+    """A hash of the package's source as it is on disk (what the run imported at its start)."""
+    root = Path(__file__).resolve().parents[1] / "gateway_breaker"
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in {".py", ".lua"} and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def revision() -> dict[str, Any]:
+    """The commit measured, the package files that differ from it, and the source's hash."""
+    changed = _git("status", "--porcelain", "--", "gateway_breaker")
+    return {
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "package_changes": [line[3:] for line in changed.splitlines()],
+        "package_digest": package_digest(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 0
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = []
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nproc": usable,
+        "cpu_model": _cpu_model(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "loadavg": load,
+        "packages": {name: _version(name) for name in PACKAGES},
+        "revision": revision(),
+    }
+
+
+def finish(info: dict[str, Any]) -> None:
+    """Note the load and the revision at the end; warn when the package changed meanwhile."""
+    try:
+        info["loadavg_end"] = list(os.getloadavg())
+    except OSError:
+        info["loadavg_end"] = []
+    info["revision_end"] = revision()
+    before, after = info["revision"]["package_digest"], info["revision_end"]["package_digest"]
+    if before != after:
+        print(
+            f"WARNING: the package's source changed during the run ({before} -> {after});"
+            " check that the change does not touch the measured path",
+            file=sys.stderr,
+        )
+
+
+def describe(info: dict[str, Any]) -> str:
+    """The commit, and "+ local changes" when the package differs from it."""
+    rev = info["revision"]
+    local = " + local changes" if rev["package_changes"] else ""
+    return f"{rev['commit'] or '?'}{local} (package source {rev['package_digest']})"
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A Markdown table, columns padded so it also reads well in a terminal."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
