@@ -21,6 +21,10 @@ class CircuitState(StrEnum):
     HALF_OPEN = "half_open"
 
 
+# Plain module names for the request path: an enum member looked up on its class costs more.
+_CLOSED, _OPEN, _HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+
+
 @dataclass(frozen=True, slots=True)
 class BreakerSnapshot:
     """What a breaker shares with the fleet: the seed's fields plus the store's version.
@@ -71,8 +75,10 @@ class CircuitBreaker:
         "_in_flight",
         "_probe_hold_until",
         "_random",
+        "_slow",
         "_window",
         "clock",
+        "failure_codes",
         "failure_count",
         "generation",
         "last_failure_time",
@@ -118,6 +124,8 @@ class CircuitBreaker:
         self.version = 0  # version of the stored state this breaker last agreed with
         self._in_flight = 0  # probes out while half-open
         self._window = RollingWindow(policy.window_seconds)
+        self._slow = policy.slow_call_seconds
+        self.failure_codes = policy.failure_status_codes  # HTTP statuses that are failures
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name} {self.state.value} gen={self.generation}>"
@@ -127,13 +135,15 @@ class CircuitBreaker:
     def acquire(self) -> Permit | None:
         """A permit for one call, or None when the call must be rejected."""
         state = self.state
-        if state is CircuitState.CLOSED:
-            return Permit(self.generation, False, self.clock())
+        if state is _CLOSED:
+            # The clock is read only when a slow-call rule needs the start time.
+            started = 0.0 if self._slow is None else self.clock()
+            return Permit(self.generation, False, started)
         now = self.clock()
-        if state is CircuitState.OPEN:
+        if state is _OPEN:
             if now < self.open_until:
                 return None
-            self._transition(CircuitState.HALF_OPEN, now)
+            self._transition(_HALF_OPEN, now)
         if self._in_flight >= self.policy.half_open_max_calls or now < self._probe_hold_until:
             return None
         self._in_flight += 1
@@ -148,14 +158,19 @@ class CircuitBreaker:
             self._probe_done(permit)
             return
         now = self.clock()
-        slow = self.policy.slow_call_seconds
-        if not failed and slow is not None and now - permit.started > slow:
+        slow = self._slow
+        if slow is not None and not failed and now - permit.started > slow:
             failed = True
         if permit.probe:
             self._in_flight -= 1
             self._probe_done(permit)
         if failed:
             self._on_failure(now)
+        elif self.state is _CLOSED:
+            # The common case, inline: a success on a closed breaker.
+            self.success_count += 1
+            self.failure_count = 0
+            self._window.record(now, False)
         else:
             self._on_success(now)
 
@@ -178,13 +193,14 @@ class CircuitBreaker:
 
     def retry_after(self) -> float:
         """Seconds until a call may be let through again (0 when it may be now)."""
-        if self.state is CircuitState.OPEN:
+        if self.state is _OPEN:
             return max(0.0, self.open_until - self.clock())
-        if (
-            self.state is CircuitState.HALF_OPEN
-            and self._in_flight >= self.policy.half_open_max_calls
-        ):
-            return 1.0  # a probe is out; its outcome decides
+        if self.state is _HALF_OPEN:
+            held = self._probe_hold_until - self.clock()
+            if held > 0:
+                return held  # another instance is probing
+            if self._in_flight >= self.policy.half_open_max_calls:
+                return 1.0  # a probe is out; its outcome decides
         return 0.0
 
     def retry_after_header(self) -> int:

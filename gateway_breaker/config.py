@@ -45,13 +45,18 @@ def check_service_name(name: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***', safe to log."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its credentials masked, safe to log: `redis://user:***@host:6379/0`.
+
+    Everything up to the last '@' is credentials, even when a password holds an unencoded
+    '/' or '@' that would confuse a URL parser.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    userinfo, _, hosts = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}://{shown}@{hosts}"
 
 
 class RedisSettings(BaseModel):
@@ -267,4 +272,21 @@ def _yaml_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSe
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    _check_keys(data, path, "")
     return InitSettingsSource(settings_cls, init_kwargs=data)
+
+
+def _check_keys(data: Any, path: Path, where: str) -> None:
+    """Every mapping key in the file is a string (YAML also allows numbers, lists, ...)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = f"{where}.{key}" if where else str(key)
+            if not isinstance(key, str):
+                shown = redact_secrets(here)[:80]
+                raise ConfigError(
+                    f"invalid configuration in {path}:\n  {shown}: keys must be strings"
+                )
+            _check_keys(value, path, here)
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            _check_keys(item, path, f"{where}.{i}")

@@ -11,13 +11,13 @@ if TYPE_CHECKING:
 
 # Inputs of these fields may carry secrets and are never echoed in an error.
 _SECRET_FIELDS = ("url", "password", "sentinel_password")
-# Credentials inside any URL-looking input, wherever it was misplaced.
-_CREDENTIALS = re.compile(r"://[^@/\s]*@")
+# Anything shaped like credentials before an '@' (user:password@), in a URL or a broken one.
+_CREDENTIALS = re.compile(r"[^\s@'\"]*:[^\s@'\"]*@")
 
 
 def redact_secrets(text: str) -> str:
     """`text` with the credentials of any URL in it replaced by '***'."""
-    return _CREDENTIALS.sub("://***@", text)
+    return _CREDENTIALS.sub("***@", text)
 
 
 class GatewayBreakerError(Exception):
@@ -43,7 +43,8 @@ class ConfigError(GatewayBreakerError, ValueError):
                 message += f" (got {shown[:80]})"
             lines.append(f"{where}: {message}")
         origin = f" in {os.fspath(source)}" if source is not None else ""
-        return cls(f"invalid configuration{origin}:\n  " + "\n  ".join(lines))
+        # Keys are shown too, and a misplaced URL may be a key.
+        return cls(redact_secrets(f"invalid configuration{origin}:\n  " + "\n  ".join(lines)))
 
 
 class CircuitOpenError(GatewayBreakerError):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Mapping
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway_breaker.breaker import CircuitBreaker
-from gateway_breaker.config import Config
+from gateway_breaker.config import Config, check_service_name
 from gateway_breaker.manager import CircuitBreakerManager
 from gateway_breaker.routing import RouteTable
 
@@ -49,6 +49,10 @@ class CircuitBreakerMiddleware:
                 manager = CircuitBreakerManager(config)
         self.manager = manager
         self.routes = RouteTable(routes if routes is not None else config.circuit_breaker.routes())
+        for service in self.routes.services():
+            check_service_name(service)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._start_pending = self._owns_manager
         self._started: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,24 +66,19 @@ class CircuitBreakerMiddleware:
         if service is None:
             await self.app(scope, receive, send)
             return
-        if self._started is None and self._owns_manager:
+        if self._start_pending:
             # No lifespan (some test clients, some servers): start in the background, never wait.
-            self._started = asyncio.ensure_future(self._start())
-        breaker = self.manager.get(service)
+            self._begin_start()
+        breaker = self._breakers.get(service) or self._breaker(service)
         permit = breaker.acquire()
-        if (
-            permit is not None
-            and permit.probe
-            and not await self.manager.admit_probe(breaker, permit)
-        ):
-            permit = None  # another instance holds the fleet's probe slots
-        if permit is None:
+        if permit is None or (permit.probe and not await self.manager.admit_probe(breaker, permit)):
             await _reject(breaker, send)
             return
 
         status = 0
         complete = False
         disconnected = False
+        failure_codes = breaker.failure_codes
 
         async def send_watching(message: Message) -> None:
             nonlocal status, complete, disconnected
@@ -88,32 +87,36 @@ class CircuitBreakerMiddleware:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
                 # Before the client has the whole response: its next request sees the outcome.
-                breaker.record(permit, breaker.policy.is_failure_status(status))
+                breaker.record(permit, status in failure_codes)
             try:
                 await send(message)
             except OSError:
                 disconnected = True  # ASGI 2.4: a send to a closed connection raises OSError
                 raise
 
-        async def receive_watching() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect" and not complete:
-                disconnected = True
-            return message
-
         try:
-            await self.app(scope, receive_watching, send_watching)
-        except Exception:
-            if not disconnected:
+            await self.app(scope, receive, send_watching)
+        except BaseException as exc:
+            # A failure, unless the client left (Starlette raises ClientDisconnect when it reads
+            # a body from a gone client) or the task was cancelled: then the permit goes back.
+            if isinstance(exc, Exception) and not (
+                disconnected or isinstance(exc, ClientDisconnect)
+            ):
                 breaker.record(permit, failed=True)
+            breaker.release(permit)  # a no-op once the outcome is recorded
             raise
-        else:
-            # A client that left says nothing of the upstream: its permit is handed back below.
-            if not disconnected:
-                breaker.record(permit, status == 0 or breaker.policy.is_failure_status(status))
-        finally:
-            breaker.release(permit)  # no-op once recorded; frees the slot on cancellation
+        if not complete:
+            # The app returned without finishing a response: it saw the client leave (Starlette
+            # stops a response on http.disconnect). That says nothing of the upstream.
+            breaker.release(permit)
+
+    def _breaker(self, service: str) -> CircuitBreaker:
+        breaker = self._breakers[service] = self.manager.get(service)
+        return breaker
+
+    def _begin_start(self) -> None:
+        self._start_pending = False
+        self._started = asyncio.ensure_future(self._start())
 
     async def _start(self) -> None:
         try:
@@ -124,8 +127,9 @@ class CircuitBreakerMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def receive_lifespan() -> Message:
             message = await receive()
-            if message["type"] == "lifespan.startup" and self._owns_manager:
-                self._started = asyncio.ensure_future(self._start())
+            if message["type"] == "lifespan.startup" and self._start_pending:
+                self._begin_start()
+                assert self._started is not None
                 await self._started
             return message
 
@@ -139,17 +143,12 @@ class CircuitBreakerMiddleware:
 
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:
     retry_after = breaker.retry_after_header()
-    body = json.dumps(
-        {
-            "type": "about:blank",
-            "title": "Service Unavailable",
-            "status": 503,
-            "detail": f"Circuit breaker for service '{breaker.name}' is {breaker.state.value}",
-            "service": breaker.name,
-            "state": breaker.state.value,
-            "retry_after": retry_after,
-        },
-        separators=(",", ":"),
+    name, state = breaker.name, breaker.state.value
+    # Service names are validated (letters, digits, '_', '.', '-'): nothing to escape.
+    body = (
+        '{"type":"about:blank","title":"Service Unavailable","status":503,'
+        f'"detail":"Circuit breaker for service \'{name}\' is {state}",'
+        f'"service":"{name}","state":"{state}","retry_after":{retry_after}}}'
     ).encode()
     await send(
         {

@@ -41,6 +41,11 @@ class RouteTable:
     def match(self, path: str) -> str | None:
         """The service owning `path`, or None when no prefix covers it."""
         prefixes = self._prefixes
+        if self._depth == 1:
+            # The usual table (/discovery, /sona, ...): one find, one slice, one dict probe.
+            end = path.find("/", 1)
+            service = prefixes.get(path if end < 0 else path[:end])
+            return self._root if service is None else service
         # Ends of the first `depth` segments: "/a/b/c" -> "/a", "/a/b", "/a/b/c".
         ends: list[int] = []
         start = 1

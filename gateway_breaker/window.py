@@ -12,18 +12,31 @@ class RollingWindow:
     of the window are cleared as time moves on. Resolution is `seconds / BUCKETS`.
     """
 
-    __slots__ = ("_calls", "_failures", "_head", "_width", "calls", "failures")
+    __slots__ = (
+        "_calls",
+        "_end",
+        "_failures",
+        "_head",
+        "_slot",
+        "_start",
+        "_width",
+        "calls",
+        "failures",
+    )
 
     def __init__(self, seconds: float) -> None:
         self._width = seconds / BUCKETS
         self._calls = [0] * BUCKETS
         self._failures = [0] * BUCKETS
         self._head = 0
+        self._slot = 0
+        self._start = self._end = 0.0  # time span of the head bucket
         self.calls = 0
         self.failures = 0
 
     def record(self, now: float, failed: bool) -> None:
-        slot = self._advance(now)
+        # Most records land in the head bucket: skip the bucket arithmetic then.
+        slot = self._slot if self._start <= now < self._end else self._advance(now)
         self._calls[slot] += 1
         self.calls += 1
         if failed:
@@ -50,13 +63,16 @@ class RollingWindow:
                 self.calls -= self._calls[i]
                 self.failures -= self._failures[i]
                 self._calls[i] = self._failures[i] = 0
-            self._head = epoch
+            self._move_head(epoch)
         elif epoch < head - BUCKETS + 1:
             # The clock went back further than the window: start over rather than miscount.
             self.reset()
-            self._head = epoch
-            return epoch % BUCKETS
-        elif epoch < head:
-            # A small step back (clock adjustment): count it in the newest bucket.
-            return head % BUCKETS
-        return epoch % BUCKETS
+            self._move_head(epoch)
+        # A small step back (clock adjustment) counts in the newest bucket.
+        return self._slot
+
+    def _move_head(self, epoch: int) -> None:
+        self._head = epoch
+        self._slot = epoch % BUCKETS
+        self._start = epoch * self._width
+        self._end = self._start + self._width

@@ -25,7 +25,7 @@ def encode_state(snapshot: BreakerSnapshot) -> str:
         "opened_at_ms": None if snapshot.opened_at is None else round(snapshot.opened_at * 1000),
     }
     if snapshot.open_seconds is not None:
-        doc["open_ms"] = round(snapshot.open_seconds * 1000)
+        doc["open_ms"] = max(1, round(snapshot.open_seconds * 1000))
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -45,7 +45,10 @@ def decode_state(raw: bytes | str) -> BreakerSnapshot:
         raise ValueError(f"unknown state {str(doc.get('state'))[:40]!r}") from None
     opened_at = _time(doc, "opened_at")
     opened_at_ms = _time(doc, "opened_at_ms")
-    if opened_at_ms is not None and (opened_at is None or abs(opened_at_ms / 1000 - opened_at) < 1):
+    # The precise time, unless a foreign writer left it disagreeing with the seed's field.
+    if opened_at_ms is not None and (
+        opened_at is None or abs(opened_at_ms / 1000 - opened_at) <= 1
+    ):
         opened_at = opened_at_ms / 1000
     if state is CircuitState.OPEN and opened_at is None:
         raise ValueError("state is open but opened_at is missing")
@@ -89,6 +92,7 @@ def _time(doc: dict[str, Any], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be Unix seconds, got {str(value)[:40]!r}")
     limit = _MAX_TIME * 1000 if name.endswith("_ms") else _MAX_TIME
-    if not math.isfinite(value) or not 0 < value < limit:
+    # Range first: a huge int cannot even be turned into a float.
+    if not 0 < value < limit or not math.isfinite(value):
         raise ValueError(f"{name} is out of range: {value!r}")
     return float(value)

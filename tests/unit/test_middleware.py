@@ -238,15 +238,20 @@ async def test_exception_from_a_raw_app_propagates_and_counts(clock: FakeClock) 
     assert manager.get("sona").failure_count == 1
 
 
-async def test_app_that_returns_without_answering_is_a_failure(clock: FakeClock) -> None:
+async def test_app_that_returns_without_answering_counts_for_nothing(clock: FakeClock) -> None:
+    """Returning without a whole response is what an app does when it sees the client leave
+    (Starlette stops a response on http.disconnect): no outcome, and no probe slot kept."""
     manager = CircuitBreakerManager(make_config(SERVICES), clock=clock)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return None
 
     middleware = CircuitBreakerMiddleware(app, manager=manager)
-    await middleware(http_scope("/sona"), disconnect_never(), Sink())
-    assert manager.get("sona").failure_count == 1
+    breaker = manager.get("sona")
+    for _ in range(10):
+        await middleware(http_scope("/sona"), disconnect_never(), Sink())
+    assert (breaker.failure_count, breaker.success_count) == (0, 0)
+    assert breaker._window.calls == 0
 
 
 # -- routing ---------------------------------------------------------------------------------
