@@ -111,7 +111,9 @@ def _git(*args: str) -> str:
     try:
         done = subprocess.run(
             ["git", *args],
-            cwd=Path(__file__).resolve().parent,
+            cwd=Path(__file__)
+            .resolve()
+            .parents[1],  # the repository root: paths are relative to it
             capture_output=True,
             text=True,
             timeout=10,
