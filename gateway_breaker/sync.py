@@ -37,6 +37,13 @@ PROBE_LEASE_TIMEOUT_SECONDS = 0.25
 
 
 class StateSync:
+    """The background half of a Redis-backed manager: writes, re-reads, announcements, leases.
+
+    Two tasks: one writes dirty services and re-reads all of them every `sync_interval_seconds`
+    (reconnecting with backoff while the store is down); one applies other instances'
+    announcements as they arrive. Only `acquire_probe` is awaited by a request, bounded.
+    """
+
     def __init__(
         self, store: StateStore, manager: CircuitBreakerManager, settings: RedisSettings
     ) -> None:
