@@ -52,6 +52,7 @@ class StateSync:
         self._interval = settings.sync_interval_seconds
         self._dirty: set[str] = set()
         self._to_load: set[str] = set()
+        self._writing: set[str] = set()  # services whose write is in flight
         self._leases_to_free: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,7 +97,8 @@ class StateSync:
                 PROBE_LEASE_TIMEOUT_SECONDS,
             )
         except StoreError as exc:
-            self._lost(exc)
+            # Slow or gone, the request decides alone; outages are the background task's to find.
+            logger.debug("Probe lease not granted in time (service=%s): %s", breaker.name, exc)
             return True
         if wait == 0:
             permit.lease = token
@@ -216,26 +218,16 @@ class StateSync:
         breaker = self._manager.find(service)
         if breaker is None or snapshot.version <= breaker.version:
             return  # not ours to care about, or older than what we know
-        if self._outdated_by_us(breaker, snapshot):
-            breaker.version = snapshot.version  # our pending write goes on top of it
+        if self._unsent(service) and _knows_more(breaker, snapshot):
+            breaker.version = snapshot.version
+            self.mark_dirty(service)  # our change goes on top of it
             return
         self._dirty.discard(service)  # a newer fleet state supersedes our unsent change
         self._adopt(breaker, snapshot)
 
-    def _outdated_by_us(self, breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> bool:
-        """Whether our unsent change already knows more than `snapshot`.
-
-        Every instance sees an open period end and goes half-open on its own, so a stored
-        half_open of the period we probed carries nothing new; our probe's outcome (closed, or
-        open again) does, and must not be lost to it.
-        """
-        if breaker.name not in self._dirty or snapshot.state is not CircuitState.HALF_OPEN:
-            return False
-        if breaker.state is CircuitState.HALF_OPEN or snapshot.opened_at is None:
-            return False
-        ours = breaker.probed_period
-        tolerance = min(0.1, breaker.policy.timeout_seconds / 2)
-        return ours is not None and abs(snapshot.opened_at - ours) <= tolerance
+    def _unsent(self, service: str) -> bool:
+        """Whether a local change of `service` is not in the store yet (queued or in flight)."""
+        return service in self._dirty or service in self._writing
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -308,6 +300,7 @@ class StateSync:
             if breaker is None:
                 continue
             snapshot = breaker.snapshot()
+            self._writing.add(name)
             try:
                 result = await self.store.write(name, snapshot)
             except BaseException as exc:
@@ -315,21 +308,28 @@ class StateSync:
                 if isinstance(exc, StoreError):
                     self._lost(exc, name)
                 raise
-            if result.accepted and result.stored is not None:
+            finally:
+                self._writing.discard(name)
+            stored = result.stored
+            if stored is None:
+                continue
+            if result.accepted:
                 # An announcement of a still newer state may have arrived meanwhile.
-                breaker.version = max(breaker.version, result.stored.version)
+                breaker.version = max(breaker.version, stored.version)
                 logger.debug(
                     "Persisted circuit breaker state to Redis (service=%s, state=%s)",
                     name,
                     snapshot.state.value,
                 )
-            elif result.stored is not None and self._outdated_by_us(breaker, result.stored):
-                breaker.version = result.stored.version
+            elif stored.version < breaker.version:
+                continue  # a newer state was applied while we wrote; nothing to adopt
+            elif _knows_more(breaker, stored):
+                breaker.version = stored.version
                 self._dirty.add(name)  # write again, on top of it
-            elif result.stored is not None:
+            else:
                 # Another instance wrote a newer state first: theirs is the fleet's.
                 self._dirty.discard(name)
-                self._adopt(breaker, result.stored)
+                self._adopt(breaker, stored)
 
     def _adopt(self, breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> None:
         breaker.restore(snapshot)
@@ -339,3 +339,18 @@ class StateSync:
             snapshot.state.value,
             snapshot.failure_count,
         )
+
+
+def _knows_more(breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> bool:
+    """Whether the breaker's own state is newer information than a stored half_open.
+
+    Every instance sees an open period end and goes half-open on its own, so a stored half_open
+    of the period this breaker probed carries nothing new; the probe's outcome (closed, or open
+    again) does, and must not be lost to it.
+    """
+    if snapshot.state is not CircuitState.HALF_OPEN or snapshot.opened_at is None:
+        return False
+    if breaker.state is CircuitState.HALF_OPEN or breaker.probed_period is None:
+        return False
+    tolerance = min(0.1, breaker.policy.timeout_seconds / 2)
+    return abs(snapshot.opened_at - breaker.probed_period) <= tolerance

@@ -104,6 +104,10 @@ class RedisStateStore:
 
     async def connect(self) -> None:
         await self.load([])
+        # Loaded now, so that no request's probe lease pays NOSCRIPT + SCRIPT LOAD + retry.
+        client = self._redis()
+        for source in (WRITE_STATE_LUA, ACQUIRE_PROBE_LUA):
+            await self._run("SCRIPT LOAD", client.script_load(source))
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
         client = self._redis()
