@@ -29,7 +29,7 @@ import contextlib
 import port_for
 import redis
 
-from benchmarks._common import clean_environment, quantile
+from benchmarks._common import clean_environment, machine, quantile, revision
 from gateway_breaker import CircuitBreakerManager, CircuitOpenError, CircuitState, Config
 
 
@@ -164,6 +164,9 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(10)
+    result["settings"] = {"smoke": args.smoke, "cycles": cycles}
+    result["machine"] = machine()
+    result["revision"] = revision()
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

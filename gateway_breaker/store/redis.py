@@ -68,7 +68,9 @@ class RedisStateStore:
         self._clock = clock
         self._client: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._bad: dict[str, str] = {}  # service -> last unusable value, so it is logged once
+        # service -> (last stored value, its decoding): re-reads skip unchanged values, and an
+        # unusable value is logged once.
+        self._decoded: dict[str, tuple[bytes | str, BreakerSnapshot | None]] = {}
         self.offset = 0.0  # Redis clock minus ours, in seconds
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
 
@@ -103,11 +105,20 @@ class RedisStateStore:
     # -- the StateStore protocol -----------------------------------------------------------
 
     async def connect(self) -> None:
-        await self.load([])
-        # Loaded now, so that no request's probe lease pays NOSCRIPT + SCRIPT LOAD + retry.
+        # The scripts are loaded now, so that no request's probe lease pays for NOSCRIPT.
         client = self._redis()
-        for source in (WRITE_STATE_LUA, ACQUIRE_PROBE_LUA):
-            await self._run("SCRIPT LOAD", client.script_load(source))
+        if isinstance(client, RedisCluster):
+            for source in (WRITE_STATE_LUA, ACQUIRE_PROBE_LUA):
+                await self._run("SCRIPT LOAD", client.script_load(source))
+            await self.load([])
+            return
+        pipe = client.pipeline(transaction=False)
+        pipe.script_load(WRITE_STATE_LUA)
+        pipe.script_load(ACQUIRE_PROBE_LUA)
+        pipe.time()
+        sent = self._clock()
+        replies = await self._run("SCRIPT LOAD/TIME", pipe.execute())
+        self._observe_clock(sent, replies[-1])
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
         client = self._redis()
@@ -124,14 +135,19 @@ class RedisStateStore:
                 pipe.mget(keys)
             replies = await self._run("TIME/MGET", pipe.execute())
             now, values = replies[0], (replies[1] if keys else [])
-        # Redis read its clock about halfway through the round trip.
-        seconds, micros = now
-        self.offset = seconds + micros / 1e6 - (sent + self._clock()) / 2
+        self._observe_clock(sent, now)
         found: dict[str, BreakerSnapshot] = {}
         for service, raw in zip(services, values, strict=True):
             if raw is not None and (snapshot := self._decode(service, raw)) is not None:
                 found[service] = snapshot
         return found
+
+    def _observe_clock(self, sent: float, redis_time: tuple[int, int]) -> None:
+        # Redis read its clock about halfway through the round trip.
+        seconds, micros = redis_time
+        offset = seconds + micros / 1e6 - (sent + self._clock()) / 2
+        # Below a millisecond the difference is measurement noise: keep times as they are.
+        self.offset = offset if abs(offset) >= 0.001 else 0.0
 
     async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
         self._redis()
@@ -208,20 +224,21 @@ class RedisStateStore:
         return None if snapshot is None else (service, snapshot)
 
     def _decode(self, service: str, raw: bytes | str) -> BreakerSnapshot | None:
-        try:
-            snapshot = decode_state(raw)
-        except ValueError as exc:
-            text = repr(raw[:64])
-            if self._bad.get(service) != text:
-                self._bad[service] = text
+        cached = self._decoded.get(service)
+        if cached is not None and cached[0] == raw:
+            snapshot = cached[1]  # unchanged since the last read: no decoding, nothing to log
+        else:
+            try:
+                snapshot = decode_state(raw)
+            except ValueError as exc:
+                snapshot = None
                 logger.warning(
                     "Ignoring unusable circuit breaker state in Redis (service=%s, error=%s)",
                     service,
                     exc,
                 )
-            return None
-        self._bad.pop(service, None)
-        return _shift(snapshot, -self.offset)
+            self._decoded[service] = (raw, snapshot)
+        return None if snapshot is None else _shift(snapshot, -self.offset)
 
 
 @dataclass(frozen=True)
