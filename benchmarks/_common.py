@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -203,3 +207,51 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+RESERVED_PORTS = {6379}  # the machine's own Redis: never ours
+
+
+def free_port() -> int:
+    """A free loopback port that is never the machine's own Redis."""
+    import port_for
+
+    while True:
+        port = int(port_for.select_random())
+        if port not in RESERVED_PORTS:
+            return port
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[int]:
+    """A throwaway redis-server on a free loopback port (its port), stopped on the way out."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is needed: apt-get install redis-server")
+    with tempfile.TemporaryDirectory() as datadir:
+        port = free_port()
+        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", datadir]
+        server = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(host="127.0.0.1", port=port)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(0.02)
+            client.close()
+            yield port
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)

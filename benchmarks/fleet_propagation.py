@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,41 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
 
-import port_for
 import redis
 
-from benchmarks._common import clean_environment, machine, quantile, revision
+from benchmarks._common import clean_environment, machine, quantile, redis_server, revision
 from gateway_breaker import CircuitBreakerManager, CircuitOpenError, CircuitState, Config
-
-
-def start_redis(datadir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = port_for.select_random()
-    server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(datadir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return server, port
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def commands(client: redis.Redis) -> int:
@@ -157,13 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     clean_environment()
     cycles = 5 if args.smoke else args.cycles
-    with tempfile.TemporaryDirectory() as datadir:
-        server, port = start_redis(Path(datadir))
-        try:
-            result = asyncio.run(run(cycles, port))
-        finally:
-            server.terminate()
-            server.wait(10)
+    with redis_server() as port:
+        result = asyncio.run(run(cycles, port))
     result["settings"] = {"smoke": args.smoke, "cycles": cycles}
     result["machine"] = machine()
     result["revision"] = revision()

@@ -57,9 +57,7 @@ import importlib.util
 import random
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -71,7 +69,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import port_for
 import redis
 from _common import (
     bootstrap_ratio_ci,
@@ -80,6 +77,7 @@ from _common import (
     finish,
     machine,
     print_table,
+    redis_server,
     summary,
     write_json,
 )
@@ -522,40 +520,6 @@ def commands(client: redis.Redis) -> int:
     return int(client.info("stats")["total_commands_processed"])
 
 
-def start_redis(datadir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = port_for.select_random()
-    server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(datadir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    try:
-        while True:
-            try:
-                client.ping()
-                return server, port
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    server.terminate()
-                    raise
-                time.sleep(0.02)
-    finally:
-        client.close()
-
-
 # -- a) overhead -----------------------------------------------------------------------------
 
 
@@ -967,24 +931,18 @@ def main() -> None:
     info["peers"] = {c.dist: c.version for c in all_}
     info["peers"]["redis (client)"] = version_of("redis")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as datadir:
-        server: subprocess.Popen[bytes] | None = None
+    with contextlib.ExitStack() as stack:
         port: int | None = None
         no_redis = "n/a (no redis-server on PATH)"
         if have_redis:
             try:
-                server, port = start_redis(Path(datadir))
+                port = stack.enter_context(redis_server())
                 probe = redis.Redis(port=port)
                 info["redis_server"] = probe.info("server")["redis_version"]
                 probe.close()
             except (OSError, redis.RedisError) as exc:
                 no_redis = f"n/a (redis-server did not start: {exc!r})"
-        try:
-            extra = asyncio.run(run(active, port, settings, no_redis))
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait(10)
+        extra = asyncio.run(run(active, port, settings, no_redis))
     info["baseline_us"] = extra["overhead"]["baseline_us"]
     info["seconds"] = time.monotonic() - started
     finish(info)

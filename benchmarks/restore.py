@@ -44,16 +44,22 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import port_for
 import redis
-from _common import clean_environment, describe, finish, machine, print_table, summary, write_json
+from _common import (
+    clean_environment,
+    describe,
+    finish,
+    machine,
+    print_table,
+    redis_server,
+    summary,
+    write_json,
+)
 from redis import asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
@@ -68,52 +74,11 @@ GOAL_SECONDS = 1.0  # restoring the largest size: at most this
 GOAL_DATA_ROUND_TRIPS = 3
 KEY_PREFIX = "circuit_breaker"
 SEED_BATCH = 1_000
-RESERVED_PORTS = {6379}  # somebody's Redis: never ours
 # Commands redis-py sends when it opens a connection (not the package's choice).
 HANDSHAKE = {"client|setname", "client|setinfo", "hello", "auth", "select", "ping"}
 
 
 # -- the server ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    while True:
-        port = port_for.select_random()
-        if port not in RESERVED_PORTS:
-            return port
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[int]:
-    """A throwaway redis-server on a free loopback port, stopped on the way out."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is needed: apt-get install redis-server")
-    with tempfile.TemporaryDirectory() as datadir:
-        port = free_port()
-        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", datadir]
-        server = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        try:
-            client = redis.Redis(host="127.0.0.1", port=port)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise
-                    time.sleep(0.02)
-            client.close()
-            yield port
-        finally:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
 
 
 # -- counting round trips --------------------------------------------------------------------

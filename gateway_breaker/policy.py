@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _RANGE = re.compile(r"^\s*(\d{3})\s*-\s*(\d{3})\s*$")
 _CLASS = re.compile(r"^\s*([1-5])[xX]{2}\s*$")
 
+_INTERNED: dict[frozenset[int], frozenset[int]] = {}
+
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
@@ -83,6 +85,12 @@ class Policy(BaseModel):
         if self.max_timeout_seconds is not None and self.max_timeout_seconds < self.timeout_seconds:
             raise ValueError("max_timeout_seconds must not be less than timeout_seconds")
         return self
+
+    @field_validator("failure_status_codes", mode="after")
+    @classmethod
+    def _share_status_codes(cls, value: frozenset[int]) -> frozenset[int]:
+        # Every service usually lists the same codes: one shared set, not 8 KB per service.
+        return _INTERNED.setdefault(value, value)
 
     def is_failure_status(self, status: int) -> bool:
         return status in self.failure_status_codes
