@@ -34,8 +34,11 @@ PROBE_LEASE_BOUND = 0.25
 """The one round trip a request may wait on Redis (sync.PROBE_LEASE_TIMEOUT_SECONDS)."""
 PROBE_LEASE_SLACK = 0.15
 """On top of the bound, for a loaded 2-core machine's event-loop lag."""
-LATENCY_FLOOR = 0.005
-"""A p99 under a fault may exceed 2x normal by this much: noise on a busy machine."""
+LATENCY_FLOOR = 0.1
+"""A p99 under a fault may exceed 2x normal by this much. What the check guards against is a
+call waiting on Redis, and the shortest such wait is the 250 ms lease bound (socket timeouts are
+1 s); event-loop lag on a shared 2-core machine has reached 74 ms in a 90-task burst. The ratio
+itself is measured and recorded in docs/reliability.md, not asserted: numbers live there."""
 CONVERGE_TIMEOUT = 15.0
 """Reconnect backoff can reach seconds after an outage; agreement must follow within this."""
 
@@ -193,7 +196,7 @@ class Traffic:
             await asyncio.sleep(0.01)  # pacing: a few cycles a second
 
     def check_latency(self, test: str, fault: str, phase: str = "fault") -> dict[str, Any]:
-        """Assert the p99 under `phase` within max(2x normal p99, normal p99 + 5 ms)."""
+        """Assert the p99 under `phase` within max(2x normal p99, normal p99 + 100 ms)."""
         n50, n99 = quantiles(self.latencies["normal"])
         f50, f99 = quantiles(self.latencies[phase])
         bound = max(2 * n99, n99 + LATENCY_FLOOR)
