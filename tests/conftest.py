@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,8 @@ import port_for
 import pytest
 import redis
 from pytest_redis.executor import RedisExecutor
+
+from tests.helpers import wait_until_sync
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -140,17 +141,18 @@ class RedisProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+        process = self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 20
-        while True:
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.command}")
             try:
-                client.ping()
-                return
+                return bool(client.ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start: {self.command}") from None
-                time.sleep(0.02)
+                return False
+
+        wait_until_sync(answers, timeout=20, message=f"redis-server on port {self.port}")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -199,11 +201,11 @@ class RedisClusterServers:
         )  # fmt: skip
         for node in self.nodes:
             client = redis.Redis(port=node.port)
-            deadline = time.monotonic() + 30
-            while client.cluster("info")["cluster_state"] != "ok":
-                if time.monotonic() > deadline:
-                    raise RuntimeError("cluster did not become ok")
-                time.sleep(0.05)
+            wait_until_sync(
+                lambda c=client: c.cluster("info")["cluster_state"] == "ok",
+                timeout=30,
+                message=f"cluster state ok on port {node.port}",
+            )
 
     def stop(self) -> None:
         for node in self.nodes:
