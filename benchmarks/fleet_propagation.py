@@ -27,6 +27,7 @@ import redis
 
 from benchmarks._common import clean_environment, machine, quantile, redis_server, revision
 from gateway_breaker import CircuitBreakerManager, CircuitOpenError, CircuitState, Config
+from gateway_breaker.store.redis import RedisStateStore
 
 
 def commands(client: redis.Redis) -> int:
@@ -98,6 +99,7 @@ async def run(cycles: int, port: int) -> dict[str, Any]:
     await a.aclose()
     await b.aclose()
 
+    state_key = RedisStateStore(config.redis).key("svc")
     all_ms = [x * 1000 for x in latencies["open"] + latencies["closed"]]
     return {
         "transitions_timed": len(all_ms),
@@ -111,7 +113,7 @@ async def run(cycles: int, port: int) -> dict[str, Any]:
         "redis_commands_per_open_close_cycle": per_cycle,
         "redis_commands_per_2000_closed_requests": steady_closed,
         "redis_commands_per_2000_open_rejections": steady_open,
-        "bytes_stored_per_service": len(client.get(config.redis.state_key("svc")) or b""),
+        "bytes_stored_per_service": len(client.get(state_key) or b""),
     }
 
 

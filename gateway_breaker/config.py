@@ -125,9 +125,6 @@ class RedisSettings(BaseModel):
             else:
                 yield name, value
 
-    def state_key(self, service: str) -> str:
-        return f"{self.key_prefix}:{service}:state"
-
 
 class CircuitBreakerSettings(BaseModel):
     """Whether breakers run, the policy every service starts from, and the services."""

@@ -96,7 +96,8 @@ class RedisStateStore:
             text = _safe(exc, self.settings.url)
             raise StoreError(f"{what}: {type(exc).__name__}: {text}") from exc
 
-    def _key(self, service: str, kind: str = "state") -> str:
+    def key(self, service: str, kind: str = "state") -> str:
+        """The Redis key of a service's `state` (or `probe` slots)."""
         if self.topology.kind == "cluster":
             # A service's keys share a hash slot, so one script may touch them all.
             return f"{self.settings.key_prefix}:{{{service}}}:{kind}"
@@ -122,7 +123,7 @@ class RedisStateStore:
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
         client = self._redis()
-        keys = [self._key(s) for s in services]
+        keys = [self.key(s) for s in services]
         sent = self._clock()
         if isinstance(client, RedisCluster):
             # Keys spread over slots: the client splits the MGET by node.
@@ -161,7 +162,7 @@ class RedisStateStore:
             snapshot.state.value,
             self.instance,
         ]
-        keys = [self._key(service), self._key(service, "probe")]
+        keys = [self.key(service), self.key(service, "probe")]
         reply = await self._run("EVALSHA", self._scripts["write"](keys=keys, args=args))
         accepted, raw = int(reply[0]), reply[1]
         return WriteResult(accepted=bool(accepted), stored=self._decode(service, raw))
@@ -172,12 +173,12 @@ class RedisStateStore:
         """Take a fleet-wide probe slot: 0.0 when taken, else seconds until one may free up."""
         self._redis()
         args: list[str | int] = [token, slots, max(1, round(lease_seconds * 1000))]
-        call = self._scripts["probe"](keys=[self._key(service, "probe")], args=args)
+        call = self._scripts["probe"](keys=[self.key(service, "probe")], args=args)
         wait_ms = await self._run("EVALSHA", call, limit)
         return int(wait_ms) / 1000
 
     async def release_probe(self, service: str, token: str) -> None:
-        await self._run("ZREM", self._redis().zrem(self._key(service, "probe"), token))
+        await self._run("ZREM", self._redis().zrem(self.key(service, "probe"), token))
 
     async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot] | None]:
         """Stored states as instances write them; None once subscribed. Raises StoreError

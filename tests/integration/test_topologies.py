@@ -170,7 +170,7 @@ def test_urls_parse_into_topologies() -> None:
 
 def test_cluster_keys_share_a_slot_and_plain_keys_keep_the_seed_name() -> None:
     plain = RedisStateStore(Config(redis={"url": "redis://h:1"}).redis)
-    assert plain._key("discovery") == "circuit_breaker:discovery:state"
+    assert plain.key("discovery") == "circuit_breaker:discovery:state"
     cluster = RedisStateStore(Config(redis={"url": "redis+cluster://h:1"}).redis)
-    assert cluster._key("discovery") == "circuit_breaker:{discovery}:state"
-    assert cluster._key("discovery", "probe") == "circuit_breaker:{discovery}:probe"
+    assert cluster.key("discovery") == "circuit_breaker:{discovery}:state"
+    assert cluster.key("discovery", "probe") == "circuit_breaker:{discovery}:probe"
