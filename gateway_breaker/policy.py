@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,6 +40,17 @@ def _status_codes(value: Any) -> frozenset[int]:
     if not codes:
         raise ValueError("at least one status code is needed")
     return frozenset(codes)
+
+
+def _ranges(codes: frozenset[int]) -> str:
+    """`{500, ..., 599, 429}` as `"429,500-599"`."""
+    spans: list[list[int]] = []
+    for code in sorted(codes):
+        if spans and code == spans[-1][1] + 1:
+            spans[-1][1] = code
+        else:
+            spans.append([code, code])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 class Policy(BaseModel):
@@ -91,6 +103,11 @@ class Policy(BaseModel):
     def _share_status_codes(cls, value: frozenset[int]) -> frozenset[int]:
         # Every service usually lists the same codes: one shared set, not 8 KB per service.
         return _INTERNED.setdefault(value, value)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            # 100 codes read better as the ranges they were written as.
+            yield name, _ranges(value) if name == "failure_status_codes" else value
 
     def is_failure_status(self, status: int) -> bool:
         return status in self.failure_status_codes
