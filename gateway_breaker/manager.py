@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -63,9 +64,8 @@ class CircuitBreakerManager:
             raise ConfigError("redis.url: a Redis URL is needed (set REDIS_URL)")
         from gateway_breaker.store.redis import RedisStateStore
 
-        store = (
-            RedisStateStore(config.redis, clock=clock) if clock else RedisStateStore(config.redis)
-        )
+        # The store reads the same clock as the breakers, to translate times to Redis's clock.
+        store = RedisStateStore(config.redis, clock=clock or time.time)
         manager = cls(config, store=store, clock=clock)
         await manager.start()
         return manager
@@ -188,6 +188,8 @@ class CircuitBreakerManager:
         for name in [*self.config.circuit_breaker.services, *services]:
             if name not in self._breakers:
                 self._create(name)
+                if self._started and self._sync is not None:
+                    self._sync.track(name)  # started before: fetch it in the background
         if self._started:
             return
         self._started = True
