@@ -9,7 +9,6 @@ a breaker with no unsent change mirrors it; a write that lost a race adopts the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gateway_breaker")
 
 FLUSH_TIMEOUT_SECONDS = 2.0
+TASK_STOP_TIMEOUT_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 5.0
 # A service's first call waits at most this long for the fleet's state of it.
 FIRST_LOAD_TIMEOUT_SECONDS = 0.25
@@ -132,9 +132,10 @@ class StateSync:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a client library that loses a cancellation must not hang the shutdown.
+        pending: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=TASK_STOP_TIMEOUT_SECONDS)
         if self.connected and self._dirty:
             try:
                 async with asyncio.timeout(FLUSH_TIMEOUT_SECONDS):
@@ -145,7 +146,18 @@ class StateSync:
                     ",".join(sorted(self._dirty)),
                     exc,
                 )
-        await self.store.aclose()
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT_SECONDS):
+                await self.store.aclose()
+        except TimeoutError:
+            logger.warning(
+                "Closing the Redis connections timed out (url=%s)", self.store.describe()
+            )
+        if pending:
+            # Closing the connections ends what the cancellation did not.
+            _, pending = await asyncio.wait(pending, timeout=TASK_STOP_TIMEOUT_SECONDS)
+            for task in pending:
+                logger.warning("Circuit breaker background task did not stop: %s", task.get_name())
 
     async def load_first(self, service: str) -> None:
         """Fetch one service's stored state now (its first use), bounded; never raises."""
