@@ -1,0 +1,523 @@
+"""Prometheus metrics: read the manager's own counters and views when scraped, never per request.
+
+`BreakerCollector(manager)` is a prometheus-client collector; register it on any registry.
+`metrics_app(manager)` is an ASGI app serving the text format; the middleware serves it at
+`metrics.path` when `metrics.enabled`.
+
+With several worker processes (`uvicorn --workers N`, gunicorn) and `PROMETHEUS_MULTIPROC_DIR`
+set, each worker copies its readings into prometheus-client's multiprocess files every second
+(`WorkerExporter`, a background task started by the ASGI lifespan), and every scrape, whichever
+worker answers it, reports the sum of all workers' counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from starlette.types import Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from gateway_breaker.manager import CircuitBreakerManager
+    from gateway_breaker.views import TransitionEvent
+
+logger = logging.getLogger("gateway_breaker")
+
+# The contract's label values (DESIGN.md, "Operations contracts").
+STATES = ("closed", "open", "half_open", "forced_open", "disabled", "metrics_only")
+OUTCOMES = ("success", "failure", "slow", "rejected", "ignored")
+ORIGINS = ("local", "fleet", "manual")
+
+EXPORT_INTERVAL_SECONDS = 1.0
+"""How often each worker copies its readings into the multiprocess files."""
+
+DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Buckets of the propagation delay histogram (seconds)."""
+
+GaugeMode = Literal["livemax", "livemin", "livesum"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric: its name (without `_total`), kind, help, labels, and how workers combine.
+
+    `workers` is the prometheus-client multiprocess mode of a gauge: `livemax` (the highest of
+    the live workers), `livemin`, or `livesum`. Counters always add up.
+    """
+
+    name: str
+    kind: Literal["gauge", "counter"]
+    doc: str
+    labels: tuple[str, ...]
+    workers: GaugeMode = "livemax"
+    unit: str = ""
+
+
+FAMILIES = (
+    Family(
+        "gateway_breaker_state",
+        "gauge",
+        "1 for the breaker's current state, 0 for the other five",
+        ("service", "state"),
+    ),
+    Family(
+        "gateway_breaker_calls",
+        "counter",
+        "Calls by outcome (success, failure, slow, rejected, ignored) since start",
+        ("service", "outcome"),
+        unit="{call}",
+    ),
+    Family(
+        "gateway_breaker_transitions",
+        "counter",
+        "State transitions seen by this instance; origin local (made here), fleet (adopted from"
+        " another instance) or manual (an operator's command)",
+        ("service", "from", "to", "origin"),
+        unit="{transition}",
+    ),
+    Family(
+        "gateway_breaker_failure_rate",
+        "gauge",
+        "Failure ratio of the rolling window (0 to 1); NaN until min_calls calls are in it",
+        ("service",),
+        unit="1",
+    ),
+    Family(
+        "gateway_breaker_window_calls",
+        "gauge",
+        "Calls in the rolling window (sum them with window_failures for a fleet-wide rate)",
+        ("service",),
+        workers="livesum",
+        unit="{call}",
+    ),
+    Family(
+        "gateway_breaker_window_failures",
+        "gauge",
+        "Failures in the rolling window",
+        ("service",),
+        workers="livesum",
+        unit="{call}",
+    ),
+    Family(
+        "gateway_breaker_consecutive_failures",
+        "gauge",
+        "Failures in a row (the failure_threshold rule's count)",
+        ("service",),
+        unit="{call}",
+    ),
+    Family(
+        "gateway_breaker_retry_after_seconds",
+        "gauge",
+        "Seconds until the breaker lets a call through again (0 when it does now)",
+        ("service",),
+        unit="s",
+    ),
+    Family(
+        "gateway_breaker_policy_overridden",
+        "gauge",
+        "1 while a policy override set at run time is in force",
+        ("service",),
+    ),
+    Family(
+        "gateway_breaker_store_up",
+        "gauge",
+        "1 while connected to the Redis store, 0 while not; absent in memory",
+        (),
+        workers="livemin",
+    ),
+    Family(
+        "gateway_breaker_store_errors",
+        "counter",
+        "Failed store operations by kind (write, load, probe, events, connect, ...)",
+        ("operation",),
+        unit="{error}",
+    ),
+    Family(
+        "gateway_breaker_instance_info",
+        "gauge",
+        "1, labelled with this instance's id (as in the fleet view) and its store",
+        ("instance_id", "store"),
+    ),
+)
+BY_NAME = {family.name: family for family in FAMILIES}
+DELAY_NAME = "gateway_breaker_propagation_delay_seconds"
+DELAY_DOC = "Seconds from a breaker's opening on another instance to its adoption here"
+
+Reading = list[tuple[tuple[str, ...], float]]
+
+
+def read(manager: CircuitBreakerManager) -> dict[str, Reading]:
+    """Every family's samples, `name -> [(label values, value)]`, read from the manager now."""
+    out: dict[str, Reading] = {family.name: [] for family in FAMILIES}
+    state, calls = out["gateway_breaker_state"], out["gateway_breaker_calls"]
+    rate, consecutive = (
+        out["gateway_breaker_failure_rate"],
+        out["gateway_breaker_consecutive_failures"],
+    )
+    window_calls, window_failures = (
+        out["gateway_breaker_window_calls"],
+        out["gateway_breaker_window_failures"],
+    )
+    retry, overridden = (
+        out["gateway_breaker_retry_after_seconds"],
+        out["gateway_breaker_policy_overridden"],
+    )
+    services = []
+    for view in manager.views():
+        service = view.service
+        services.append(service)
+        for name in STATES:
+            state.append(((service, name), 1.0 if view.state == name else 0.0))
+        for outcome in OUTCOMES:
+            calls.append(((service, outcome), float(view.calls.get(outcome, 0))))
+        rate.append(((service,), math.nan if view.failure_rate is None else view.failure_rate))
+        window_calls.append(((service,), float(view.window_calls)))
+        window_failures.append(((service,), float(view.window_failures)))
+        consecutive.append(((service,), float(view.failure_count)))
+        retry.append(((service,), float(view.retry_after)))
+        overridden.append(((service,), 1.0 if view.policy_overridden else 0.0))
+    counts = dict(manager.transition_counts)
+    for service in services:
+        # Present from the start at 0, so that increase() sees a breaker's first opening.
+        for origin in ("local", "fleet"):
+            counts.setdefault((service, "closed", "open", origin), 0)
+    out["gateway_breaker_transitions"] = [(key, float(n)) for key, n in sorted(counts.items())]
+    up = manager.store_up
+    if up is not None:
+        out["gateway_breaker_store_up"].append(((), 1.0 if up else 0.0))
+    out["gateway_breaker_store_errors"] = [
+        ((operation,), float(count)) for operation, count in sorted(manager.store_errors.items())
+    ]
+    out["gateway_breaker_instance_info"].append(((manager.instance_id, manager.store_kind), 1.0))
+    return out
+
+
+def adoption_delay(manager: CircuitBreakerManager, event: TransitionEvent) -> float | None:
+    """For an opening adopted from the fleet: seconds since the other instance opened it.
+
+    Both times are on the breaker's clock (the store translates Redis's clock to it). Run by
+    the event loop just after the adoption (`on_transition` listeners), never per request.
+    None for every other transition.
+    """
+    if event.origin != "fleet" or event.to_state != "open":
+        return None
+    breaker = manager.find(event.service)
+    if breaker is None or not breaker.opened_at:
+        return None
+    return max(0.0, breaker.clock() - breaker.opened_at)
+
+
+class PropagationDelay:
+    """A histogram of `adoption_delay`: how long another instance's opening took to reach here.
+
+    A transition counter says that the fleet followed; this says how fast.
+    """
+
+    def __init__(self, manager: CircuitBreakerManager) -> None:
+        self.manager = manager
+        self.counts = [0] * (len(DELAY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.observed = 0
+
+    def __call__(self, event: TransitionEvent) -> None:
+        delay = adoption_delay(self.manager, event)
+        if delay is not None:
+            self.observe(delay)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(DELAY_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.observed += 1
+
+    def family(self) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, count in zip((*DELAY_BUCKETS, math.inf), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == math.inf else repr(bound), float(cumulative)))
+        return HistogramMetricFamily(DELAY_NAME, DELAY_DOC, buckets=buckets, sum_value=self.total)
+
+
+class BreakerCollector:
+    """A prometheus-client collector of one manager's breakers, read at scrape time.
+
+    `registry.register(BreakerCollector(manager))` adds DESIGN.md's metrics (and a few more) to
+    any registry. Nothing is counted per request: the breakers keep their counts anyway.
+    """
+
+    def __init__(self, manager: CircuitBreakerManager) -> None:
+        self.manager = manager
+        self.delay = PropagationDelay(manager)
+        self._unsubscribe = manager.on_transition(self.delay)
+
+    def close(self) -> None:
+        """Stop listening to the manager's transitions."""
+        self._unsubscribe()
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples: lets a registry catch duplicate names cheaply."""
+        yield from (_empty(family) for family in FAMILIES)
+        yield HistogramMetricFamily(DELAY_NAME, DELAY_DOC)
+
+    def collect(self) -> Iterable[Metric]:
+        readings = read(self.manager)
+        for family in FAMILIES:
+            metric = _empty(family)
+            for labels, value in readings[family.name]:
+                metric.add_metric(labels, value)
+            yield metric
+        yield self.delay.family()
+
+
+def _empty(family: Family) -> GaugeMetricFamily | CounterMetricFamily:
+    if family.kind == "counter":
+        return CounterMetricFamily(family.name, family.doc, labels=family.labels)
+    return GaugeMetricFamily(family.name, family.doc, labels=family.labels)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, if this process is in it."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class WorkerExporter:
+    """Copies one worker's readings into prometheus-client's multiprocess files.
+
+    Custom collectors are not aggregated across processes, so each worker writes its readings
+    into ordinary multiprocess-mode Counters and Gauges (only the values that changed since the
+    last write), from a background task every `interval` seconds and right before it answers a
+    scrape. Counters add up over all workers; gauges combine as their family's `workers` mode
+    says. At shutdown the worker's live gauges are removed (`mark_process_dead`).
+    """
+
+    def __init__(
+        self, manager: CircuitBreakerManager, interval: float = EXPORT_INTERVAL_SECONDS
+    ) -> None:
+        self.manager = manager
+        self.interval = interval
+        self._metrics: dict[str, Counter | Gauge] = {}
+        self._written: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._delay = _delay_histogram()
+        self._unsubscribe = manager.on_transition(self._on_transition)
+
+    def _on_transition(self, event: TransitionEvent) -> None:
+        delay = adoption_delay(self.manager, event)
+        if delay is not None:
+            self._delay.observe(delay)
+
+    def write(self) -> None:
+        """Write what changed since the last call (memory only: an mmap'd file per worker)."""
+        written = self._written
+        for name, samples in read(self.manager).items():
+            family = BY_NAME[name]
+            metric = self._metrics.get(name) or self._create(family)
+            for labels, value in samples:
+                key = (name, labels)
+                last = written.get(key)
+                if last == value or (last is not None and math.isnan(last) and math.isnan(value)):
+                    continue
+                child = metric.labels(*labels) if labels else metric
+                if isinstance(child, Counter):
+                    # A count that went down (its breaker was recreated) starts over: add it all.
+                    child.inc(value - last if last is not None and value >= last else value)
+                else:
+                    child.set(value)
+                written[key] = value
+
+    def _create(self, family: Family) -> Counter | Gauge:
+        metric: Counter | Gauge
+        if family.kind == "counter":
+            metric = Counter(family.name, family.doc, family.labels, registry=None)
+        else:
+            metric = Gauge(
+                family.name,
+                family.doc,
+                family.labels,
+                registry=None,
+                multiprocess_mode=family.workers,
+            )
+        self._metrics[family.name] = metric
+        return metric
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="gateway-breaker-metrics")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.write()
+            except Exception:  # a bad reading must not end the exports
+                logger.exception("Failed to export circuit breaker metrics")
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._unsubscribe()
+        self.write()
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def _delay_histogram() -> Any:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        DELAY_NAME.removesuffix("_seconds"),
+        DELAY_DOC,
+        unit="seconds",
+        buckets=DELAY_BUCKETS,
+        registry=None,
+    )
+
+
+class MetricsApp:
+    """ASGI app answering GET/HEAD with the registry in Prometheus (or OpenMetrics) text format.
+
+    `watch_lifespan(receive)` wraps a lifespan `receive` so that startup starts the worker
+    exporter and shutdown stops it (multiprocess mode only; otherwise it changes nothing).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        path: str = "/metrics",
+        exporter: WorkerExporter | None = None,
+    ) -> None:
+        self.registry = registry
+        self.path = path
+        self.exporter = exporter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan_only(scope, self.watch_lifespan(receive), send)
+            return
+        if scope["type"] != "http":
+            return
+        method = scope["method"]
+        if method not in ("GET", "HEAD"):
+            await _respond(
+                send, 405, b"Method Not Allowed\n", b"text/plain", [(b"allow", b"GET, HEAD")]
+            )
+            return
+        if self.exporter is not None:
+            self.exporter.write()  # this worker's own readings are fresh; the others' within 1 s
+        accept = ""
+        for name, value in scope["headers"]:
+            if name == b"accept":
+                accept = value.decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self.registry)
+        await _respond(
+            send, 200, b"" if method == "HEAD" else body, content_type.encode(), [], len(body)
+        )
+
+    def watch_lifespan(self, receive: Receive) -> Receive:
+        exporter = self.exporter
+        if exporter is None:
+            return receive
+
+        async def receive_watching() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                exporter.start()
+            elif message["type"] == "lifespan.shutdown":
+                await exporter.stop()
+            return message
+
+        return receive_watching
+
+
+async def _lifespan_only(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer the lifespan protocol when the metrics app is served on its own."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    length: int | None = None,
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body) if length is None else length).encode()),
+                (b"cache-control", b"no-store"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def metrics_app(
+    manager: CircuitBreakerManager,
+    registry: CollectorRegistry | None = None,
+    *,
+    path: str = "/metrics",
+) -> MetricsApp:
+    """An ASGI app serving `manager`'s metrics (and whatever else `registry` holds).
+
+    `registry=None`: a registry of its own. In multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`
+    set) it serves the sum over all workers' files, which this worker keeps current through a
+    `WorkerExporter` (started by the lifespan). Otherwise a `BreakerCollector` is registered on
+    the registry (yours, when given: your own metrics are served beside the breakers').
+    """
+    directory = multiprocess_dir()
+    if directory is not None:
+        from prometheus_client import multiprocess
+
+        if registry is None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return MetricsApp(registry, path=path, exporter=WorkerExporter(manager))
+    if registry is None:
+        registry = CollectorRegistry()
+    registry.register(BreakerCollector(manager))
+    return MetricsApp(registry, path=path)
+
+
+__all__ = [
+    "FAMILIES",
+    "OUTCOMES",
+    "STATES",
+    "BreakerCollector",
+    "Family",
+    "MetricsApp",
+    "PropagationDelay",
+    "WorkerExporter",
+    "metrics_app",
+    "read",
+]
