@@ -45,12 +45,8 @@ class CircuitBreakerMiddleware:
         self.enabled = config.circuit_breaker.enabled
         self._owns_manager = manager is None
         if manager is None:
-            if self.enabled and config.redis.url is not None:
-                from gateway_breaker.store.redis import RedisStateStore
-
-                manager = CircuitBreakerManager(config, store=RedisStateStore(config.redis))
-            else:
-                manager = CircuitBreakerManager(config)
+            # The manager picks its store from the config: the middleware knows nothing of Redis.
+            manager = CircuitBreakerManager.from_config(config)
         self.manager = manager
         self.routes = RouteTable(routes if routes is not None else config.circuit_breaker.routes())
         for service in self.routes.services():
@@ -158,7 +154,7 @@ class CircuitBreakerMiddleware:
 
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:
     retry_after = breaker.retry_after_header()
-    name, state = breaker.name, breaker.state.value
+    name, state = breaker.name, breaker.effective_state
     # Service names are validated (letters, digits, '_', '.', '-'): nothing to escape.
     body = (
         '{"type":"about:blank","title":"Service Unavailable","status":503,'
