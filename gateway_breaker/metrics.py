@@ -31,16 +31,16 @@ from prometheus_client.metrics_core import (
 )
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway_breaker.breaker import EFFECTIVE_STATES, OUTCOMES
+
 if TYPE_CHECKING:
     from gateway_breaker.manager import CircuitBreakerManager
     from gateway_breaker.views import TransitionEvent
 
 logger = logging.getLogger("gateway_breaker")
 
-# The contract's label values (DESIGN.md, "Operations contracts").
-STATES = ("closed", "open", "half_open", "forced_open", "disabled", "metrics_only")
-OUTCOMES = ("success", "failure", "slow", "rejected", "ignored")
-ORIGINS = ("local", "fleet", "manual")
+# The contract's label values (DESIGN.md, "Operations contracts"), from the state machine.
+STATES = EFFECTIVE_STATES
 
 EXPORT_INTERVAL_SECONDS = 1.0
 """How often each worker copies its readings into the multiprocess files."""
@@ -324,8 +324,9 @@ class WorkerExporter:
         """Write what changed since the last call (memory only: an mmap'd file per worker)."""
         written = self._written
         for name, samples in read(self.manager).items():
-            family = BY_NAME[name]
-            metric = self._metrics.get(name) or self._create(family)
+            if not samples:
+                continue  # created with the first sample: an unlabelled gauge would show 0
+            metric = self._metrics.get(name) or self._create(BY_NAME[name])
             for labels, value in samples:
                 key = (name, labels)
                 last = written.get(key)
