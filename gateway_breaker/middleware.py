@@ -61,13 +61,13 @@ class CircuitBreakerMiddleware:
             self._metrics = metrics_app(manager, path=config.metrics.path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._metrics is not None:  # metrics.path answers before any service prefix is matched
-            if scope["type"] == "http" and scope["path"] == self._metrics.path:
-                await self._metrics(scope, receive, send)
-                return
-            if scope["type"] == "lifespan":
-                receive = self._metrics.watch_lifespan(receive)  # several workers: the exporter
+        metrics = self._metrics
+        if metrics is not None and scope.get("path") == metrics.path:  # before any prefix
+            await metrics(scope, receive, send)
+            return
         if scope["type"] != "http" or not self.enabled:
+            if metrics is not None and scope["type"] == "lifespan":
+                receive = metrics.watch_lifespan(receive)  # several workers: the exporter
             if scope["type"] == "lifespan" and self.enabled:
                 await self._lifespan(scope, receive, send)
                 return
