@@ -17,7 +17,7 @@ import bisect
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +35,7 @@ from gateway_breaker.breaker import EFFECTIVE_STATES, OUTCOMES
 
 if TYPE_CHECKING:
     from gateway_breaker.manager import CircuitBreakerManager
-    from gateway_breaker.views import TransitionEvent
+    from gateway_breaker.views import BreakerView, TransitionEvent
 
 logger = logging.getLogger("gateway_breaker")
 
@@ -162,48 +162,33 @@ Reading = list[tuple[tuple[str, ...], float]]
 
 def read(manager: CircuitBreakerManager) -> dict[str, Reading]:
     """Every family's samples, `name -> [(label values, value)]`, read from the manager now."""
-    out: dict[str, Reading] = {family.name: [] for family in FAMILIES}
-    state, calls = out["gateway_breaker_state"], out["gateway_breaker_calls"]
-    rate, consecutive = (
-        out["gateway_breaker_failure_rate"],
-        out["gateway_breaker_consecutive_failures"],
-    )
-    window_calls, window_failures = (
-        out["gateway_breaker_window_calls"],
-        out["gateway_breaker_window_failures"],
-    )
-    retry, overridden = (
-        out["gateway_breaker_retry_after_seconds"],
-        out["gateway_breaker_policy_overridden"],
-    )
-    services = []
-    for view in manager.views():
-        service = view.service
-        services.append(service)
-        for name in STATES:
-            state.append(((service, name), 1.0 if view.state == name else 0.0))
-        for outcome in OUTCOMES:
-            calls.append(((service, outcome), float(view.calls.get(outcome, 0))))
-        rate.append(((service,), math.nan if view.failure_rate is None else view.failure_rate))
-        window_calls.append(((service,), float(view.window_calls)))
-        window_failures.append(((service,), float(view.window_failures)))
-        consecutive.append(((service,), float(view.failure_count)))
-        retry.append(((service,), float(view.retry_after)))
-        overridden.append(((service,), 1.0 if view.policy_overridden else 0.0))
+    views = manager.views()
+    out: dict[str, Reading] = {}
+    out["gateway_breaker_state"] = [
+        ((view.service, state), 1.0 if view.state == state else 0.0)
+        for view in views
+        for state in STATES
+    ]
+    out["gateway_breaker_calls"] = [
+        ((view.service, outcome), float(view.calls.get(outcome, 0)))
+        for view in views
+        for outcome in OUTCOMES
+    ]
+    for name, reader in _PER_SERVICE.items():
+        out[name] = [((view.service,), reader(view)) for view in views]
+    for family in FAMILIES:
+        if family.name not in out:
+            out[family.name] = _readings(manager, family.name, views)
+    return out
+
+
+def _transitions(manager: CircuitBreakerManager, services: list[str]) -> Reading:
     counts = dict(manager.transition_counts)
     for service in services:
         # Present from the start at 0, so that increase() sees a breaker's first opening.
         for origin in ("local", "fleet"):
             counts.setdefault((service, "closed", "open", origin), 0)
-    out["gateway_breaker_transitions"] = [(key, float(n)) for key, n in sorted(counts.items())]
-    up = manager.store_up
-    if up is not None:
-        out["gateway_breaker_store_up"].append(((), 1.0 if up else 0.0))
-    out["gateway_breaker_store_errors"] = [
-        ((operation,), float(count)) for operation, count in sorted(manager.store_errors.items())
-    ]
-    out["gateway_breaker_instance_info"].append(((manager.instance_id, manager.store_kind), 1.0))
-    return out
+    return [(key, float(n)) for key, n in sorted(counts.items())]
 
 
 def adoption_delay(manager: CircuitBreakerManager, event: TransitionEvent) -> float | None:
@@ -287,28 +272,35 @@ def text_format(collector: BreakerCollector) -> bytes:
     """The collector's families in Prometheus's text format (0.0.4), written directly.
 
     The same series and values as prometheus-client's `generate_latest` on a registry holding
-    only the collector, in a fraction of the time (benchmarks/metrics_cost.py): the scrape
-    runs on the event loop, so its length is every request's wait while it runs.
+    only the collector (the tests compare them), in a fraction of the time
+    (benchmarks/metrics_cost.py): a scrape runs on the event loop, so its length is every
+    request's wait while it runs.
     """
-    readings = read(collector.manager)
+    manager = collector.manager
+    views = manager.views()
+    labels = [f'service="{_escape(view.service)}"' for view in views]
     out: list[str] = []
     add = out.append
     for family in FAMILIES:
         name = f"{family.name}_total" if family.kind == "counter" else family.name
         add(f"# HELP {name} {family.doc}\n# TYPE {name} {family.kind}\n")
-        keys = family.labels
-        samples = readings[family.name]
-        if keys == ("service",):
-            for (service,), value in samples:
-                add(f'{name}{{service="{_escape(service)}"}} {_number(value)}\n')
-        elif keys == ("service", "state"):
-            for (service, state), value in samples:
-                add(f'{name}{{service="{_escape(service)}",state="{state}"}} {_number(value)}\n')
+        per_service = _PER_SERVICE.get(family.name)
+        if per_service is not None:
+            for label, view in zip(labels, views, strict=True):
+                add(f"{name}{{{label}}} {_number(per_service(view))}\n")
+        elif family.name == "gateway_breaker_state":
+            for label, view in zip(labels, views, strict=True):
+                add(_ONE_HOT.get(view.state, _NONE_HOT).replace("\0", label))
+        elif family.name == "gateway_breaker_calls":
+            for label, view in zip(labels, views, strict=True):
+                calls = view.calls
+                for outcome in OUTCOMES:
+                    count = float(calls.get(outcome, 0))
+                    add(f'{name}{{{label},outcome="{outcome}"}} {count!r}\n')
         else:
-            for labels, value in samples:
-                pairs = ",".join(
-                    f'{key}="{_escape(label)}"' for key, label in zip(keys, labels, strict=True)
-                )
+            keys = family.labels
+            for values, value in _readings(manager, family.name, views):
+                pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(keys, values, strict=True))
                 add(
                     f"{name}{{{pairs}}} {_number(value)}\n"
                     if pairs
@@ -323,6 +315,43 @@ def text_format(collector: BreakerCollector) -> bytes:
         add(f'{DELAY_NAME}_bucket{{le="{le}"}} {float(cumulative)!r}\n')
     add(f"{DELAY_NAME}_count {float(delay.observed)!r}\n{DELAY_NAME}_sum {delay.total!r}\n")
     return "".join(out).encode()
+
+
+def _readings(manager: CircuitBreakerManager, name: str, views: list[BreakerView]) -> Reading:
+    """The samples of one of the families `text_format` has no fast path for."""
+    if name == "gateway_breaker_transitions":
+        return _transitions(manager, [view.service for view in views])
+    if name == "gateway_breaker_store_up":
+        up = manager.store_up
+        return [] if up is None else [((), 1.0 if up else 0.0)]
+    if name == "gateway_breaker_store_errors":
+        return [((op,), float(n)) for op, n in sorted(manager.store_errors.items())]
+    if name == "gateway_breaker_instance_info":
+        return [((manager.instance_id, manager.store_kind), 1.0)]
+    raise AssertionError(f"no reading for {name}")
+
+
+_PER_SERVICE: dict[str, Callable[[BreakerView], float]] = {
+    "gateway_breaker_failure_rate": lambda v: (
+        math.nan if v.failure_rate is None else v.failure_rate
+    ),
+    "gateway_breaker_window_calls": lambda v: float(v.window_calls),
+    "gateway_breaker_window_failures": lambda v: float(v.window_failures),
+    "gateway_breaker_consecutive_failures": lambda v: float(v.failure_count),
+    "gateway_breaker_retry_after_seconds": lambda v: float(v.retry_after),
+    "gateway_breaker_policy_overridden": lambda v: 1.0 if v.policy_overridden else 0.0,
+}
+"""Families with one sample per service: how to read it from the service's view."""
+
+# One service's six state lines for each current state, "\0" standing for its label.
+_ONE_HOT = {
+    current: "".join(
+        f'gateway_breaker_state{{\0,state="{state}"}} {1.0 if state == current else 0.0!r}\n'
+        for state in STATES
+    )
+    for current in STATES
+}
+_NONE_HOT = "".join(f'gateway_breaker_state{{\0,state="{state}"}} 0.0\n' for state in STATES)
 
 
 def _escape(value: str) -> str:

@@ -192,6 +192,9 @@ def test_two_gateways_report_a_trip_and_prometheus_sees_it_on_both(
     assert (
         value(samples, "gateway_breaker_calls_total", service="discovery", outcome="success") == 0
     )
+    # The opening reached it through Redis: its adoption delay is observed (once, here only).
+    assert value(samples, "gateway_breaker_propagation_delay_seconds_count") == 1
+    assert value(scrape(first), "gateway_breaker_propagation_delay_seconds_count") == 0
 
     # Prometheus scraped both: a query for the open state returns both instances.
     query = 'gateway_breaker_state{service="discovery", state="open"} == 1'
