@@ -41,9 +41,10 @@ from _common import (
     redis_server,
     write_json,
 )
-from asgi_overhead import Sink, make_scope, timed_batch
+from asgi_overhead import Sink, fastapi_app, make_scope, timed_batch
 from prometheus_client import CollectorRegistry, generate_latest
-from starlette.types import Receive, Scope, Send
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway_breaker import CircuitBreakerManager, CircuitBreakerMiddleware, Config
 from gateway_breaker.metrics import BreakerCollector, text_format
@@ -65,11 +66,19 @@ def config(metrics: bool) -> Config:
     )
 
 
-def middleware(metrics: bool) -> CircuitBreakerMiddleware:
+MODES = ("off", "on", "fastapi_off", "fastapi_on")
+PAIRS = {"raw ASGI app": ("off", "on"), "FastAPI app": ("fastapi_off", "fastapi_on")}
+
+
+def build(mode: str) -> ASGIApp:
+    """The middleware with metrics off or on, before a raw ASGI app or a FastAPI route."""
+    metrics = mode.endswith("on")
+    if mode.startswith("fastapi"):
+        return fastapi_app([Middleware(CircuitBreakerMiddleware, config=config(metrics))])
     return CircuitBreakerMiddleware(inner_app, config=config(metrics))
 
 
-async def check(app: CircuitBreakerMiddleware, metrics: bool) -> None:
+async def check(app: ASGIApp, metrics: bool) -> None:
     sink = Sink()
     await app(make_scope(f"/{SERVICE}/ping"), _receive, sink)
     assert sink.status == 200, sink.status
@@ -86,13 +95,13 @@ async def _receive() -> dict[str, Any]:
 
 
 async def request_path(rounds: int, requests: int) -> dict[str, Any]:
-    apps = {"off": middleware(False), "on": middleware(True)}
+    apps = {mode: build(mode) for mode in MODES}
     for name, app in apps.items():
-        await check(app, name == "on")
+        await check(app, name.endswith("on"))
     scope = make_scope(f"/{SERVICE}/ping")
     for app in apps.values():
         await timed_batch(app, scope, requests)
-    times: dict[str, list[float]] = {"off": [], "on": []}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(rounds):
         order = list(apps)
         random.shuffle(order)
@@ -102,21 +111,31 @@ async def request_path(rounds: int, requests: int) -> dict[str, Any]:
             elapsed = await timed_batch(apps[name], scope, requests)
             gc.enable()
             times[name].append(elapsed / requests)
-    ratio = statistics.median(times["on"]) / statistics.median(times["off"])
-    low, high = bootstrap_ratio_ci(times["on"], times["off"])
+    pairs = {}
+    for label, (off, on) in PAIRS.items():
+        low, high = bootstrap_ratio_ci(times[on], times[off])
+        pairs[label] = {
+            "ratio_on_off": statistics.median(times[on]) / statistics.median(times[off]),
+            "ratio_ci95": [low, high],
+            "verdict": verdict(low, high),
+        }
     return {
         "ns_per_request": {name: statistics.median(values) for name, values in times.items()},
-        "ratio_on_off": ratio,
-        "ratio_ci95": [low, high],
+        "pairs": pairs,
         "goal": GOAL_RATIO,
-        "verdict": "met" if high <= GOAL_RATIO else ("not met" if low > GOAL_RATIO else "unclear"),
     }
+
+
+def verdict(low: float, high: float) -> str:
+    if high <= GOAL_RATIO:
+        return "met"
+    return "not met" if low > GOAL_RATIO else "unclear (noise wider than the goal)"
 
 
 def child(mode: str, requests: int, warmup: int) -> None:
     async def run() -> None:
-        app = middleware(mode == "on")
-        await check(app, mode == "on")
+        app = build(mode)
+        await check(app, mode.endswith("on"))
         scope = make_scope(f"/{SERVICE}/ping")
         await timed_batch(app, scope, warmup)
         gc.collect()
@@ -129,7 +148,7 @@ def child(mode: str, requests: int, warmup: int) -> None:
 def instructions(workdir: Path) -> dict[str, Any] | None:
     if shutil.which("valgrind") is None:
         return None
-    counts: dict[str, dict[int, int]] = {"off": {}, "on": {}}
+    counts: dict[str, dict[int, int]] = {mode: {} for mode in MODES}
     for mode in counts:
         for requests in (SHORT, LONG):
             out = workdir / f"{mode}.{requests}.cg"
@@ -148,7 +167,8 @@ def instructions(workdir: Path) -> dict[str, Any] | None:
     per_request = {
         mode: (values[LONG] - values[SHORT]) / (LONG - SHORT) for mode, values in counts.items()
     }
-    return {"per_request": per_request, "ratio_on_off": per_request["on"] / per_request["off"]}
+    ratios = {label: per_request[on] / per_request[off] for label, (off, on) in PAIRS.items()}
+    return {"per_request": per_request, "ratio_on_off": ratios}
 
 
 # -- 2. a scrape with 1,000 services -----------------------------------------------------------
@@ -282,20 +302,22 @@ def main(argv: list[str] | None = None) -> int:
     finish(info)
 
     ns = path["ns_per_request"]
-    low, high = path["ratio_ci95"]
-    ci = f"95% CI {low:.3f}-{high:.3f}, goal <= {GOAL_RATIO}: {path['verdict']}"
-    rows = [
-        ["closed breaker, metrics off", f"{ns['off'] / 1000:.2f} us/request", ""],
-        ["closed breaker, metrics on", f"{ns['on'] / 1000:.2f} us/request", ""],
-        ["time on / off", f"{path['ratio_on_off']:.3f}", ci],
-    ]
-    if counted is not None:
-        per = counted["per_request"]
-        both = f"{per['off']:,.0f} / {per['on']:,.0f}"
-        rows.append(["instructions per request, off / on", both, ""])
-        rows.append(
-            ["instructions on / off", f"{counted['ratio_on_off']:.4f}", f"goal <= {GOAL_RATIO}"]
-        )
+    rows = []
+    for label, (off, on) in PAIRS.items():
+        pair = path["pairs"][label]
+        low, high = pair["ratio_ci95"]
+        times = f"{ns[off] / 1000:.2f} / {ns[on] / 1000:.2f} us"
+        rows.append([f"{label}: time per request off / on", times, ""])
+        ci = f"95% CI {low:.3f}-{high:.3f}; goal <= {GOAL_RATIO}: {pair['verdict']}"
+        rows.append([f"{label}: time on / off", f"{pair['ratio_on_off']:.3f}", ci])
+        if counted is not None:
+            per = counted["per_request"]
+            both = f"{per[off]:,.0f} / {per[on]:,.0f}"
+            rows.append([f"{label}: instructions per request off / on", both, ""])
+            ratio = counted["ratio_on_off"][label]
+            rows.append(
+                [f"{label}: instructions on / off", f"{ratio:.4f}", f"goal <= {GOAL_RATIO}"]
+            )
     size = f"{scraped['series']} series, {scraped['bytes'] / 1024:.0f} KiB"
     ms = scraped["ms_median"]
     label = f"scrape, {scraped['services']} services"

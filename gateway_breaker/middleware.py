@@ -62,8 +62,7 @@ class CircuitBreakerMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self._metrics
-        if metrics is not None and scope["type"] == "http" and scope["path"] == metrics.path:
-            # metrics.path answers before any service prefix is matched
+        if metrics is not None and scope.get("path") == metrics.path:  # before any prefix
             await metrics(scope, receive, send)
             return
         if scope["type"] != "http" or not self.enabled:
