@@ -19,9 +19,9 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -445,11 +445,15 @@ class WorkerExporter:
             self._task = asyncio.create_task(self._run(), name="gateway-breaker-metrics")
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 self.write()
-            except Exception:  # a bad reading must not end the exports
-                logger.exception("Failed to export circuit breaker metrics")
+                failing = False
+            except Exception:  # a bad reading must not end the exports; logged once per run
+                if not failing:
+                    logger.exception("Failed to export circuit breaker metrics")
+                failing = True
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
@@ -464,9 +468,7 @@ class WorkerExporter:
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
-def _delay_histogram() -> Any:
-    from prometheus_client import Histogram
-
+def _delay_histogram() -> Histogram:
     return Histogram(
         DELAY_NAME.removesuffix("_seconds"),
         DELAY_DOC,
