@@ -68,6 +68,12 @@ METRIC_NAMES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's shell may be in prometheus-client's multiprocess mode; these tests are not."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
     """Run promtool (Debian's `prometheus` package; .ci/run installs it). Missing: a failure."""
     binary = shutil.which("promtool")
