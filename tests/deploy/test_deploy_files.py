@@ -241,7 +241,7 @@ def test_compose_has_no_obsolete_version_key() -> None:
 
 
 def test_compose_services() -> None:
-    assert set(compose()["services"]) == {"redis", "upstream", *GATEWAYS}
+    assert set(compose()["services"]) == {"redis", "upstream", "prometheus", *GATEWAYS}
 
 
 def test_redis_service_is_health_checked() -> None:
