@@ -22,6 +22,7 @@ or `examples/config.yaml` when that variable is unset. Every service `name` with
 Environment: `LOG_LEVEL` (default `info`) sets the level of the `gateway_breaker` log lines,
 printed to stdout; `UPSTREAM_CONNECT_TIMEOUT` (default 2) and `UPSTREAM_TIMEOUT` (default 30)
 bound, in seconds, connecting to an upstream and each read or write of one;
+`UPSTREAM_MAX_CONNECTIONS` (default 200) caps the connections open to the upstreams;
 `UPSTREAM_TRANSPORT` picks the HTTP engine under httpx's API: `aiohttp` (the default when aiohttp
 is installed, as with the `example` extra) or `httpx` (httpx's own; `httpx-aiohttp` too, for the
 benchmark only).
@@ -122,6 +123,19 @@ def upstream_timeout() -> httpx.Timeout:
     connect = _seconds("UPSTREAM_CONNECT_TIMEOUT", 2.0)
     io = _seconds("UPSTREAM_TIMEOUT", 30.0)
     return httpx.Timeout(connect=connect, read=io, write=io, pool=connect)
+
+
+def upstream_limits() -> httpx.Limits:
+    """At most UPSTREAM_MAX_CONNECTIONS (default 200) open to the upstreams at once; a request
+    waits for a free one up to the connect timeout. Idle ones close after 5 s."""
+    raw = os.environ.get("UPSTREAM_MAX_CONNECTIONS") or "200"
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 100_000:
+        raise ConfigError(f"UPSTREAM_MAX_CONNECTIONS: an integer in 1-100000, got {raw!r}")
+    return httpx.Limits(max_connections=count, max_keepalive_connections=min(count, 50))
 
 
 def upstream_transport() -> str:
@@ -252,7 +266,7 @@ class UpstreamProxy:
         self.upstreams = {name: str(s.upstream).rstrip("/") for name, s in services.items()}
         self.timeout = timeout
         self.transport = transport or upstream_transport()
-        self.limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        self.limits = upstream_limits()
         self.extensions = {"timeout": timeout.as_dict()}
         self.network: httpx.AsyncBaseTransport | None = None
         self.by_service: dict[str, httpx.AsyncBaseTransport] = {}
