@@ -359,7 +359,10 @@ class UpstreamProxy:
         # A response in one piece (the usual small answer) is sent in one message. A longer one
         # is relayed chunk by chunk while watching receive(), the only way the server tells of
         # a client that left, so that a response the client never gets is never completed.
-        chunks = upstream.aiter_raw()
+        # The transport's own stream: Response.aiter_raw() adds re-chunking a relay has no use for.
+        stream = upstream.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        chunks = aiter(stream)
         first = await anext(chunks, b"")
         start: Message = {"type": "http.response.start", "status": upstream.status_code}
         start["headers"] = headers

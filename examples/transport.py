@@ -40,6 +40,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, limits: httpx.Limits | None = None) -> None:
         self.limits = limits or httpx.Limits()
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -61,7 +62,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         timeout: dict[str, float | None] = request.extensions.get("timeout", {})
-        connect, pool = timeout.get("connect"), timeout.get("pool")
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"transfer-encoding"]
         data: Any = None
         if isinstance(request.stream, httpx.ByteStream):
@@ -78,12 +78,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
                 data=data,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=None if connect is None or pool is None else connect + pool,
-                    sock_connect=connect,
-                    sock_read=timeout.get("read"),
-                ),
+                timeout=self._timeout(timeout),
             )
         except Exception as exc:
             raise _mapped(exc, request) from exc
@@ -94,6 +89,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )
+
+    def _timeout(self, timeout: dict[str, float | None]) -> aiohttp.ClientTimeout:
+        """aiohttp's timeouts for httpx's, made once per distinct set (usually one)."""
+        key = (timeout.get("connect"), timeout.get("pool"), timeout.get("read"))
+        made = self._timeouts.get(key)
+        if made is None:
+            connect, pool, read = key
+            made = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None,
+                connect=None if connect is None or pool is None else connect + pool,
+                sock_connect=connect,
+                sock_read=read,
+            )
+        return made
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
