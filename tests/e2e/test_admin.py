@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import port_for
 import pytest
 import yaml
 
@@ -353,3 +354,29 @@ def test_events_stream_through_uvicorn(fleet: Fleet) -> None:
         assert data is not None
         assert data["breaker"]["state"] == "disabled"
         assert data["breaker"]["manual"]["reason"] == "watch me"
+
+
+def test_redis_unreachable_commands_say_so(start_gateway: StartGateway, upstream: Upstream) -> None:
+    dead = f"redis://127.0.0.1:{port_for.select_random()}/0"
+    gateway = start_gateway(
+        make_config(upstream.url), redis_url=dead, env={"GATEWAY_BREAKER_ADMIN_TOKEN": TOKEN}
+    )
+    listed = gateway.get(f"{API}/breakers", headers=AUTH).json()
+    assert (listed["store"], listed["store_up"]) == ("redis", False)
+
+    policy = gateway.request(
+        "PATCH", f"{API}/breakers/sona/policy", headers=AUTH, json={"failure_threshold": 2}
+    )
+    assert policy.status_code == 503
+    assert policy.headers["content-type"] == "application/problem+json"
+    assert "not applied" in policy.json()["detail"]
+    view = gateway.get(f"{API}/breakers/sona", headers=AUTH).json()
+    assert view["policy"]["failure_threshold"] == 5
+    assert view["policy_overridden"] is False
+
+    manual = gateway.request(
+        "PUT", f"{API}/breakers/sona/manual", headers=AUTH, json={"mode": "forced_open"}
+    )
+    assert manual.status_code == 503
+    assert "this instance only" in manual.json()["detail"]
+    assert gateway.get("/healthz").status_code == 200

@@ -552,3 +552,20 @@ async def test_events_keepalive_comments(manager: CircuitBreakerManager) -> None
 async def test_events_bad_last_event_id(client: httpx.AsyncClient) -> None:
     response = await client.get(f"{PATH}/events", headers={**AUTH, "Last-Event-ID": "x"})
     assert assert_problem(response, 422)["errors"][0]["field"] == "Last-Event-ID"
+
+
+async def test_events_stream_ends_cleanly_when_cancelled(
+    manager: CircuitBreakerManager, static_dir: Path
+) -> None:
+    # A server that stops waiting for open requests (uvicorn --timeout-graceful-shutdown)
+    # cancels them: the stream stops and leaves no task behind.
+    app = admin_app(manager, token=TOKEN, path=PATH, static_dir=static_dir)
+    sse = SSEClient(app, AUTH)
+    before = set(asyncio.all_tasks())
+    sse.start()
+    await wait_until(lambda: ": connected" in sse.text, message="the stream to open")
+    assert sse.task is not None
+    sse.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sse.task
+    await wait_until(lambda: set(asyncio.all_tasks()) <= before, message="no task left")
