@@ -399,9 +399,10 @@ async def run(args: argparse.Namespace) -> int:
             f"unknown service {exc.args[0]!r}" if exc.args else "unknown service"
         ) from None
     except StoreError as exc:
-        raise Failure(
-            f"Redis did not take the change, nothing was changed: {_one_line(str(exc))}"
-        ) from None
+        # What the manager applied locally dies with this process: for the fleet, nothing
+        # changed.
+        what = getattr(exc, "operation", "store")
+        raise Failure(f"Redis did not answer ({what}): nothing was changed") from None
     finally:
         with suppress(Exception):
             await manager.aclose()

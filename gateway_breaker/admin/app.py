@@ -66,7 +66,8 @@ _PAGE_HEADERS = {
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
 }
-_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+ONE_LINE = r"^[^\x00-\x1f\x7f]*$"  # JSON Schema and pydantic: `$` is the end of the text
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ManualRequest(BaseModel):
@@ -76,7 +77,7 @@ class ManualRequest(BaseModel):
 
     mode: Literal["forced_open", "disabled", "metrics_only"]
     seconds: float | None = Field(None, gt=0, le=MAX_MANUAL_SECONDS, allow_inf_nan=False)
-    reason: str | None = Field(None, max_length=200, pattern=_NO_CONTROL)
+    reason: str | None = Field(None, max_length=200, pattern=ONE_LINE)
 
 
 class _Problem(Exception):
@@ -281,11 +282,13 @@ class AdminAPI:
 
     async def clear_manual(self, request: Request) -> Response:
         service = self._service(request)
-        return await self._command(service, self.manager.clear_manual(service))
+        reason = _reason(request)
+        return await self._command(service, self.manager.clear_manual(service, reason=reason))
 
     async def reset(self, request: Request) -> Response:
         service = self._service(request)
-        return await self._command(service, self.manager.reset(service))
+        reason = _reason(request)
+        return await self._command(service, self.manager.reset(service, reason=reason))
 
     async def history(self, request: Request) -> Response:
         service = self._service(request)
@@ -312,11 +315,13 @@ class AdminAPI:
             Policy.model_validate({**current, **data}, strict=True)
         except ValidationError as exc:
             raise _unprocessable(_validation_errors(exc, fields)) from None
-        return await self._command(service, self.manager.set_policy(service, data))
+        reason = _reason(request)
+        return await self._command(service, self.manager.set_policy(service, data, reason=reason))
 
     async def clear_policy(self, request: Request) -> Response:
         service = self._service(request)
-        return await self._command(service, self.manager.clear_policy(service))
+        reason = _reason(request)
+        return await self._command(service, self.manager.clear_policy(service, reason=reason))
 
     async def fleet(self, request: Request) -> Response:
         view = await self._store_call(None, self.manager.fleet())
@@ -370,6 +375,16 @@ class AdminAPI:
 
 def _event_json(event: TransitionEvent) -> dict[str, Any]:
     return event.to_dict()
+
+
+def _reason(request: Request) -> str | None:
+    """The optional `?reason=` of a command without a body, for the history."""
+    reason = request.query_params.get("reason")
+    if reason is None or not reason.strip():
+        return None
+    if len(reason) > 200 or _CONTROL.search(reason):
+        raise _unprocessable([{"field": "reason", "message": "at most 200 characters, one line"}])
+    return reason
 
 
 def _config_errors(exc: ConfigError) -> list[dict[str, str]]:

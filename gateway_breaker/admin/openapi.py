@@ -11,7 +11,7 @@ import copy
 from functools import cache
 from typing import Any
 
-from gateway_breaker.admin.app import MAX_MANUAL_SECONDS, PROBLEM
+from gateway_breaker.admin.app import MAX_MANUAL_SECONDS, ONE_LINE, PROBLEM
 from gateway_breaker.policy import Policy
 
 STATES = ["closed", "open", "half_open", "forced_open", "disabled", "metrics_only"]
@@ -237,11 +237,7 @@ def _schemas() -> dict[str, Any]:
                     "maximum": MAX_MANUAL_SECONDS,
                     "description": "the mode ends by itself after this many seconds",
                 },
-                "reason": {
-                    "type": "string",
-                    "maxLength": 200,
-                    "pattern": "^[^\\x00-\\x1f\\x7f]*$",
-                },
+                "reason": {"type": "string", "maxLength": 200, "pattern": ONE_LINE},
             },
         },
         "PolicyPatch": _policy_patch(),
@@ -284,6 +280,9 @@ def _operation(
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
     if service:
         operation["parameters"] = [{"$ref": "#/components/parameters/service"}]
+    if store and body != "ManualRequest":
+        operation["parameters"].append({"$ref": "#/components/parameters/reason"})
+        responses["422"] = _problem("the body or the reason is invalid; `errors` names each")
     if body is not None:
         operation["requestBody"] = {"required": True, **_json(body)}
     operation.update(extra or {})
@@ -358,12 +357,19 @@ def _document(path: str) -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "parameters": {
+                "reason": {
+                    "name": "reason",
+                    "in": "query",
+                    "required": False,
+                    "description": "why (kept in the history)",
+                    "schema": {"type": "string", "maxLength": 200, "pattern": ONE_LINE},
+                },
                 "service": {
                     "name": "service",
                     "in": "path",
                     "required": True,
                     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-                }
+                },
             },
             "schemas": _schemas(),
         },

@@ -569,3 +569,23 @@ async def test_events_stream_ends_cleanly_when_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await sse.task
     await wait_until(lambda: set(asyncio.all_tasks()) <= before, message="no task left")
+
+
+async def test_commands_without_a_body_take_a_reason(client: httpx.AsyncClient) -> None:
+    await client.put(f"{PATH}/breakers/sona/manual", json={"mode": "disabled"}, headers=AUTH)
+    released = await client.delete(
+        f"{PATH}/breakers/sona/manual", params={"reason": "all clear"}, headers=AUTH
+    )
+    assert released.status_code == 200
+    reset = await client.post(f"{PATH}/breakers/sona/reset?reason=fresh%20start", headers=AUTH)
+    assert reset.status_code == 200
+    history = (await client.get(f"{PATH}/breakers/sona/history", headers=AUTH)).json()["history"]
+    assert [(e["cause"], e["reason"]) for e in history[:2]] == [
+        ("reset", "fresh start"),
+        ("manual_released", "all clear"),
+    ]
+    for bad in ["x" * 201, "two\nlines", "tab\there", "end\n"]:
+        response = await client.post(
+            f"{PATH}/breakers/sona/reset", params={"reason": bad}, headers=AUTH
+        )
+        assert assert_problem(response, 422)["errors"][0]["field"] == "reason"
