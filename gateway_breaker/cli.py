@@ -165,7 +165,7 @@ async def open_manager(config: Config, services: Sequence[str] = ()) -> CircuitB
 
 
 async def known_services(manager: CircuitBreakerManager) -> list[str]:
-    """Configured services, plus every service Redis holds or a live instance reports."""
+    """Configured services, plus every service a live instance reports."""
     fleet = await manager.fleet()
     names = set(manager.services()) | set(fleet.store)
     for instance in fleet.instances:
@@ -226,7 +226,8 @@ def format_status(views: Sequence[dict[str, Any]]) -> str:
     rows = []
     for v in views:
         rate = v.get("failure_rate")
-        retry = v.get("retry_after") or 0
+        # Only an open breaker's retry time means something to an operator.
+        retry = (v.get("retry_after") or 0) if v["state"] == "open" else 0
         rows.append(
             [
                 v["service"],
