@@ -210,10 +210,11 @@ def test_forced_open_is_fleet_wide_and_honoured_by_a_later_instance(
 
 def test_a_timed_mode_ends_by_itself_everywhere(fleet: Fleet) -> None:
     g1 = fleet.gateways[0]
-    body = {"mode": "forced_open", "seconds": 1, "reason": "short"}
+    # Long enough for every instance to be seen rejecting first, even on a busy machine.
+    body = {"mode": "forced_open", "seconds": 3, "reason": "short"}
     assert fleet.api(g1, "PUT", "/breakers/sona/manual", json=body).status_code == 200
     for gateway in fleet.gateways:
-        wait_until_sync(lambda g=gateway: rejects(g, "sona"), 1, 0.005, f"{gateway.name} rejects")
+        wait_until_sync(lambda g=gateway: rejects(g, "sona"), 2, 0.005, f"{gateway.name} rejects")
     for gateway in fleet.gateways:
         wait_until_sync(
             lambda g=gateway: fleet.view(g, "sona")["manual"] is None and not rejects(g, "sona"),
@@ -294,7 +295,8 @@ def test_a_policy_change_applies_on_the_others(fleet: Fleet) -> None:
 def test_history_shows_manual_modes_with_reasons_and_automatic_causes(fleet: Fleet) -> None:
     g1, g2, g3 = fleet.gateways
     open_through(g1)
-    wait_until_sync(lambda: rejects(g1), 2, 0.005, "discovery to open")
+    # Stored (the instance that takes the command sees it), so the history has it first.
+    wait_until_sync(lambda: fleet.view(g2)["state"] == "open", 2, 0.005, "discovery to open")
     body = {"mode": "forced_open", "reason": "upstream migration"}
     assert fleet.api(g2, "PUT", "/breakers/discovery/manual", json=body).status_code == 200
     assert fleet.api(g3, "DELETE", "/breakers/discovery/manual").status_code == 200
@@ -305,7 +307,12 @@ def test_history_shows_manual_modes_with_reasons_and_automatic_causes(fleet: Fle
         events: list[dict[str, Any]] = response.json()["history"]
         return events
 
-    wait_until_sync(lambda: len(history()) >= 3, 2, 0.01, "three transitions")
+    wait_until_sync(
+        lambda: bool(history()) and history()[0]["cause"] == "manual_released",
+        2,
+        0.01,
+        "the release in the history",
+    )
     newest, manual, opened = history()[:3]
     assert newest["cause"] == "manual_released"
     assert manual["cause"] == "manual"
