@@ -48,4 +48,5 @@ EXPOSE 8000
 # slim has no curl: ask /healthz with the standard library.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-CMD ["uvicorn", "examples.gateway:app", "--host", "0.0.0.0", "--port", "8000"]
+# --timeout-graceful-shutdown: an open admin event stream must not hold a stop forever.
+CMD ["uvicorn", "examples.gateway:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "5"]

@@ -84,8 +84,12 @@ def gateway_env(redis_url: str, config_path: Path | str) -> dict[str, str]:
 
 
 def uvicorn_command(app: str, host: str, port: int) -> list[str]:
-    """`uvicorn APP --host HOST --port PORT`, run by this interpreter."""
-    return [sys.executable, "-m", "uvicorn", app, "--host", host, "--port", str(port)]
+    """`uvicorn APP --host HOST --port PORT`, run by this interpreter, as the image runs it."""
+    command = [sys.executable, "-m", "uvicorn", app, "--host", host, "--port", str(port)]
+    if app == GATEWAY_APP:
+        # An open admin event stream must not hold a stop forever.
+        command += ["--timeout-graceful-shutdown", "5"]
+    return command
 
 
 def redis_command(redis_server: str, port: int, datadir: Path) -> list[str]:

@@ -486,5 +486,6 @@ class CircuitBreaker:
             metrics_only = self.manual is not None and self.manual.mode == "metrics_only"
             if metrics_only and old == self.last_to:
                 self.last_from, self.last_to = previous.value, snapshot.state.value
-            self.last_cause, self.last_reason = snapshot.cause or "restored", None
+            reason = self.manual.reason if self.manual is not None else None
+            self.last_cause, self.last_reason = snapshot.cause or "restored", reason
         return changed

@@ -263,7 +263,8 @@ class CircuitBreakerManager:
         self.policy_for(service, override)  # validates
         if self._sync is not None:
             await self._sync.store_policy(service, override)
-        self.apply_policy(service, override, reason=reason)
+        self.apply_policy(service, override, reason=reason, origin="manual")
+        await self._commit(service)
         return self.view(service)
 
     async def clear_policy(self, service: str, *, reason: str | None = None) -> BreakerView:
@@ -271,7 +272,8 @@ class CircuitBreakerManager:
         self._known(service)
         if self._sync is not None:
             await self._sync.store_policy(service, None)
-        self.apply_policy(service, None, reason=reason)
+        self.apply_policy(service, None, reason=reason, origin="manual")
+        await self._commit(service)
         return self.view(service)
 
     def policy_for(self, service: str, override: Mapping[str, Any] | None = None) -> Policy:
@@ -297,10 +299,18 @@ class CircuitBreakerManager:
         raise PolicyError(text, errors)
 
     def apply_policy(
-        self, service: str, override: Mapping[str, Any] | None, *, reason: str | None = None
+        self,
+        service: str,
+        override: Mapping[str, Any] | None,
+        *,
+        reason: str | None = None,
+        origin: str = "fleet",
     ) -> bool:
         """Apply a live policy override (None: back to the configured policy) on this instance.
-        Returns whether it changed anything. For the store's sync and the commands above."""
+        Returns whether it changed anything. For the store's sync and the commands above.
+
+        An operator's change (`origin="manual"`) goes into the fleet's history with the state
+        write that follows it; one adopted from the fleet is only announced here."""
         current = self._overrides.get(service)
         new = dict(override) if override else None
         if new == current:
@@ -318,7 +328,10 @@ class CircuitBreakerManager:
         if breaker is not None:
             breaker.set_policy(policy)
             state = breaker.effective_state
-            self._emit(breaker, state, state, "policy", reason, "manual")
+            event = self._emit(breaker, state, state, "policy", reason, origin)
+            if origin == "manual" and self._sync is not None:
+                self._sync.queue_history(service, event)
+                self._sync.mark_dirty(service)
         return True
 
     async def _commit(self, service: str) -> None:

@@ -29,7 +29,10 @@ COMPOSE = REPO_ROOT / "compose.yaml"
 FLEET_YAML = REPO_ROOT / "deploy" / "fleet.yaml"
 
 GATEWAYS = {"gateway-1": 8001, "gateway-2": 8002}
-GATEWAY_CMD = ["uvicorn", "examples.gateway:app", "--host", "0.0.0.0", "--port", "8000"]
+GATEWAY_CMD = [
+    *["uvicorn", "examples.gateway:app", "--host", "0.0.0.0", "--port", "8000"],
+    *["--timeout-graceful-shutdown", "5"],
+]
 UPSTREAM_CMD = ["uvicorn", "examples.upstream:app", "--host", "0.0.0.0", "--port", "9001"]
 GATEWAY_ENV = {
     "REDIS_URL": "redis://redis:6379/0",
@@ -268,7 +271,8 @@ def test_dockerfile_healthcheck_without_curl(stage: str, url: str) -> None:
 @pytest.mark.parametrize(("stage", "port"), [("gateway", "8000"), ("upstream", "9001")])
 def test_each_image_exposes_the_port_it_listens_on(stage: str, port: str) -> None:
     assert stage_args(stage, "EXPOSE") == [port]
-    assert json.loads(stage_args(stage, "CMD")[-1])[-1] == port
+    argv = json.loads(stage_args(stage, "CMD")[-1])
+    assert argv[argv.index("--port") + 1] == port
 
 
 def test_the_default_target_is_the_gateway() -> None:

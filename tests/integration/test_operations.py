@@ -144,6 +144,10 @@ async def test_a_policy_change_applies_on_the_others(fleet: Any) -> None:
     await b.clear_policy("discovery")
     for manager in (a, c, late):
         await wait_until(lambda m=manager: m.view("discovery").policy.failure_threshold == 3)
+    history = await late.history("discovery")
+    causes = [(e.cause, e.origin, e.instance) for e in history]
+    assert causes[0] == ("policy", "manual", b.instance_id)
+    assert ("policy", "manual", a.instance_id) in causes
 
 
 async def test_the_fleet_view_lists_every_live_instance(fleet: Any) -> None:
