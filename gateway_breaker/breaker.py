@@ -438,7 +438,15 @@ class CircuitBreaker:
         window = self._window
         window.record(now, True)
         if self.fleet_counting and self.manual is None:
-            self._new_evidence()  # the fleet decides, on every instance's counts
+            self._new_evidence()  # the fleet decides on every instance's counts
+            # Our own counts alone decide without a round trip: with quorum 1 the fleet would
+            # open on them (it opens now, for the fleet); above it, we open for ourselves.
+            rule = self.own_rule(now)
+            if rule is not None:
+                if self.policy.quorum > 1:
+                    self.open_locally(cause or rule)
+                else:
+                    self._transition(CircuitState.OPEN, now, cause or rule)
             return
         policy = self.policy
         if self.failure_count >= policy.failure_threshold:

@@ -373,6 +373,12 @@ class CircuitBreakerManager:
         )
         if breaker.local:
             # Opened (or probing, or closed again) for this instance only: never the fleet's.
+            if breaker.last_from == "closed":
+                logger.warning(
+                    "Circuit breaker opened for this instance only (service=%s, quorum=%d)",
+                    breaker.name,
+                    breaker.policy.quorum,
+                )
             return
         if self._sync is not None:
             self._sync.queue_history(breaker.name, event)

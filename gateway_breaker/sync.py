@@ -81,6 +81,7 @@ class StateSync:
         self._evidence_next = 0.0
         self._evidence_timer: asyncio.TimerHandle | None = None
         self.live = 0
+        self._live_at = 0.0  # when `live` was counted (monotonic)
 
     # -- called from the request path: no I/O, O(1) ----------------------------------------
 
@@ -435,7 +436,11 @@ class StateSync:
     async def _register_instance(self) -> None:
         ttl = max(5.0, 3 * self._interval)
         await self.store.register(self._manager.instance_view(), ttl=ttl)
-        self.live = await self.store.live_instances(ttl)
+        await self._count_live()
+
+    async def _count_live(self) -> None:
+        self.live = await self.store.live_instances(max(5.0, 3 * self._interval))
+        self._live_at = time.monotonic()
 
     def quorum(self, breaker: CircuitBreaker) -> int:
         """The quorum the fleet's decision needs: the policy's, or every live instance when
@@ -450,14 +455,25 @@ class StateSync:
         self._evidence_next = time.monotonic() + self._evidence_interval
         names, self._evidence = sorted(self._evidence), set()
         breakers = self._manager.breakers()
+        quorums = [b.policy.quorum for n in names if (b := breakers.get(n)) is not None]
+        if self._register and max(quorums, default=1) > 1:
+            # Fewer live instances than a quorum lowers it: count them afresh before relying
+            # on that (instances that started since the last count are live too).
+            stale = time.monotonic() - self._live_at > self._interval
+            if stale or self.live < max(quorums):
+                try:
+                    await self._count_live()
+                except StoreError as exc:
+                    self._evidence.update(names)
+                    self._lost(exc)
+                    raise
         for i, name in enumerate(names):
             breaker = breakers.get(name)
             if (
                 breaker is None
                 or not breaker.fleet_counting
-                or breaker.local
                 or breaker.manual is not None
-                or breaker.state is not CircuitState.CLOSED
+                or (breaker.state is not CircuitState.CLOSED and not breaker.local)
             ):
                 continue  # nothing the fleet's decision needs from us now
             policy = breaker.policy
@@ -493,6 +509,8 @@ class StateSync:
                 self._apply(name, result.stored)
             return
         breaker.reported = evidence.run > 0 or evidence.failures > 0
+        if (breaker.failure_count, breaker.window_counts()[1]) != (evidence.run, evidence.failures):
+            self.mark_evidence(name)  # calls ended while the counts were on their way
         stored = result.stored
         if result.outcome == "opened" and stored is not None:
             if stored.version <= breaker.version:
@@ -509,18 +527,8 @@ class StateSync:
                 result.fleet_run,
                 result.failing_instances,
             )
-        elif (
-            result.outcome == "local"
-            and breaker.own_rule() is not None
-            and breaker.open_locally(result.cause or "failure_threshold")
-        ):
-            logger.warning(
-                "Circuit breaker opened for this instance only (service=%s, quorum=%d,"
-                " failing_instances=%d)",
-                name,
-                evidence.quorum,
-                result.failing_instances,
-            )
+        elif result.outcome == "local" and not breaker.local and breaker.own_rule() is not None:
+            breaker.open_locally(result.cause or "failure_threshold")
 
     # -- agreement with the store ----------------------------------------------------------
 

@@ -2,7 +2,9 @@
 -- KEYS[1]  state key
 -- KEYS[2]  probe lease key (cleared when the fleet opens: a new period starts)
 -- KEYS[3]  history stream (capped at ARGV[15] entries, approximately)
--- KEYS[4]  evidence hash: field = instance id, value = "run,calls,failures,ts_ms" (Redis clock)
+-- KEYS[4]  evidence hash: field = instance id, value = "run,calls,failures,ts_ms" (Redis clock);
+--          field "_v" = version of the closed state the evidence belongs to: any transition
+--          (written by this script or by write_state.lua) starts the evidence over
 -- ARGV[1]  instance id (the evidence field, and the history entry's instance)
 -- ARGV[2]  its run of consecutive failures since its last success
 -- ARGV[3]  calls in its rolling window
@@ -46,8 +48,13 @@ end
 local me = ARGV[1]
 local run, calls, failures = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local window = tonumber(ARGV[5])
+local period = string.format('%d', stored or 0)
+if redis.call('HGET', KEYS[4], '_v') ~= period then
+  redis.call('DEL', KEYS[4])  -- counts of an earlier closed period: they decided already
+end
 if run > 0 or failures > 0 then
-  redis.call('HSET', KEYS[4], me, string.format('%d,%d,%d,%d', run, calls, failures, now))
+  redis.call('HSET', KEYS[4], me, string.format('%d,%d,%d,%d', run, calls, failures, now),
+    '_v', period)
   redis.call('PEXPIRE', KEYS[4], window)
 else
   redis.call('HDEL', KEYS[4], me)  -- nothing of ours is evidence any more
@@ -57,7 +64,9 @@ local fleet_run, fleet_calls, fleet_failures, failing = 0, 0, 0, 0
 local entries = redis.call('HGETALL', KEYS[4])
 for i = 1, #entries, 2 do
   local r, c, f, ts = string.match(entries[i + 1], '^(%d+),(%d+),(%d+),(%d+)$')
-  if r == nil or now - tonumber(ts) > window then
+  if entries[i] == '_v' then
+    r = nil  -- the period's version, not a contribution
+  elseif r == nil or now - tonumber(ts) > window then
     redis.call('HDEL', KEYS[4], entries[i])  -- stale (its instance died) or not ours
   else
     r, c, f = tonumber(r), tonumber(c), tonumber(f)

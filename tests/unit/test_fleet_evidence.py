@@ -86,18 +86,41 @@ def test_without_a_fleet_the_breaker_counts_alone_as_before(clock: FakeClock) ->
     assert evidence.calls == 0
 
 
-def test_fleet_counting_failures_are_evidence_not_a_decision(clock: FakeClock) -> None:
+def test_fleet_counting_failures_are_evidence_for_the_fleet(clock: FakeClock) -> None:
     evidence = Evidence()
-    breaker = make(clock, evidence)
+    breaker = make(clock, evidence, failure_threshold=12)
     breaker.set_fleet(True)
     assert breaker.fleet_counting
-    for _ in range(10):
+    for _ in range(11):
         assert call(breaker, True)
-    assert breaker.state is CLOSED
-    assert breaker.failure_count == 10
-    assert breaker.window_counts() == (10, 10)
-    assert evidence.calls == 10
-    assert breaker.own_rule() == "failure_threshold"
+    assert breaker.state is CLOSED  # the fleet decides on everyone's counts
+    assert breaker.failure_count == 11
+    assert breaker.window_counts() == (11, 11)
+    assert evidence.calls == 11
+    assert breaker.own_rule() is None
+
+
+def test_own_counts_alone_open_for_the_fleet_at_quorum_one(clock: FakeClock) -> None:
+    transitions: list[tuple[str, str, bool]] = []
+    breaker = make(clock, Evidence())
+    breaker.on_transition = lambda b, _: transitions.append((b.last_from, b.last_to, b.local))
+    breaker.set_fleet(True)
+    for _ in range(3):
+        call(breaker, True)
+    assert breaker.state is OPEN
+    assert transitions == [("closed", "open", False)]  # a transition for the fleet, no wait
+
+
+def test_own_counts_alone_open_for_this_instance_only_above_quorum_one(
+    clock: FakeClock,
+) -> None:
+    evidence = Evidence()
+    breaker = make(clock, evidence, quorum=2)
+    breaker.set_fleet(True)
+    for _ in range(3):
+        call(breaker, True)
+    assert (breaker.state, breaker.local, breaker.reported) == (OPEN, True, True)
+    assert evidence.calls == 3  # the fleet still gets our counts: with others', it may open
 
 
 def test_counting_instance_keeps_per_instance_counting_with_a_fleet(clock: FakeClock) -> None:
@@ -107,17 +130,6 @@ def test_counting_instance_keeps_per_instance_counting_with_a_fleet(clock: FakeC
     for _ in range(3):
         call(breaker, True)
     assert breaker.state is OPEN
-
-
-def test_losing_the_fleet_opens_at_once_on_own_counts(clock: FakeClock) -> None:
-    breaker = make(clock, Evidence())
-    breaker.set_fleet(True)
-    for _ in range(5):
-        call(breaker, True)
-    assert breaker.state is CLOSED
-    breaker.set_fleet(False)
-    assert breaker.state is OPEN
-    assert breaker.last_cause == "failure_threshold"
 
 
 def test_a_live_policy_change_turns_fleet_counting_on_and_off(clock: FakeClock) -> None:
@@ -144,12 +156,13 @@ def test_success_after_a_reported_run_is_new_evidence_only_then(clock: FakeClock
 
 
 def test_error_rate_rule_on_own_counts(clock: FakeClock) -> None:
-    breaker = make(clock, Evidence(), min_calls=4, failure_threshold=100)
+    breaker = make(clock, Evidence(), min_calls=4, failure_threshold=100, quorum=2)
     breaker.set_fleet(True)
-    for failed in (True, False, True, False):
+    for failed in (False, True, False):
         call(breaker, failed)
-    assert breaker.own_rule() == "error_rate"
-    assert breaker.state is CLOSED
+    assert breaker.own_rule() is None
+    call(breaker, True)
+    assert (breaker.state, breaker.local, breaker.last_cause) == (OPEN, True, "error_rate")
 
 
 # -- opening for this instance only -------------------------------------------------------
@@ -157,11 +170,10 @@ def test_error_rate_rule_on_own_counts(clock: FakeClock) -> None:
 
 def test_open_locally_rejects_here_probes_alone_and_closes_back(clock: FakeClock) -> None:
     evidence = Evidence()
-    breaker = make(clock, evidence, timeout_seconds=5)
+    breaker = make(clock, evidence, timeout_seconds=5, quorum=3)
     breaker.set_fleet(True)
     for _ in range(3):
         call(breaker, True)
-    assert breaker.open_locally("failure_threshold")
     assert (breaker.state, breaker.local) == (OPEN, True)
     assert not call(breaker, False)
     clock.advance(5)
