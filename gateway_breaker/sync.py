@@ -82,6 +82,11 @@ class StateSync:
         self._evidence_timer: asyncio.TimerHandle | None = None
         self.live = 0
         self._live_at = 0.0  # when `live` was counted (monotonic)
+        # service -> (run we sent, fleet's run and failing instances in the reply): a run that
+        # may have brought the fleet near its threshold is sent without waiting the interval.
+        self._sent: dict[str, tuple[int, int, int, int]] = {}  # with the breaker's generation
+        self._urgent = False
+        self._urgent_next = 0.0
 
     # -- called from the request path: no I/O, O(1) ----------------------------------------
 
@@ -92,11 +97,35 @@ class StateSync:
     def mark_evidence(self, service: str) -> None:
         """A fleet-counting breaker has new counts: send them with the next evidence flush."""
         self._evidence.add(service)
-        if self.connected and self._evidence_timer is None:
+        if not self.connected:
+            return
+        if not self._urgent and self._near_threshold(service):
+            self._urgent = True
+            if self._evidence_timer is not None:
+                self._evidence_timer.cancel()  # it was set for the ordinary interval
+                self._evidence_timer = None
+        if self._evidence_timer is None:
             self._schedule_evidence()
 
+    def _near_threshold(self, service: str) -> bool:
+        """Whether the fleet's run may have reached half the threshold since our last report:
+        the fleet's run then, plus our new failures as many times as instances fail."""
+        breaker = self._manager.find(service)
+        if breaker is None:
+            return False
+        generation, sent_run, fleet_run, failing = self._sent.get(service, (0, 0, 0, 0))
+        if generation != breaker.generation:
+            sent_run = fleet_run = failing = 0  # a transition since: a new period's counts
+        new = breaker.failure_count - sent_run
+        if new <= 0:
+            return False
+        return (
+            2 * (fleet_run + new * max(failing, self.live, 1)) >= breaker.policy.failure_threshold
+        )
+
     def _schedule_evidence(self) -> None:
-        delay = self._evidence_next - time.monotonic()
+        due = self._urgent_next if self._urgent else self._evidence_next
+        delay = due - time.monotonic()
         if delay <= 0:
             self._wake.set()
             return
@@ -302,7 +331,9 @@ class StateSync:
                 if self._dirty:
                     await self._flush()
                 if self._evidence:
-                    if time.monotonic() >= self._evidence_next:
+                    now = time.monotonic()
+                    urgent = self._urgent and now >= self._urgent_next
+                    if urgent or now >= self._evidence_next:
                         await self._send_evidence()
                     elif self._evidence_timer is None:
                         self._schedule_evidence()
@@ -452,7 +483,10 @@ class StateSync:
 
     async def _send_evidence(self) -> None:
         """One script call per service with new counts: ours in, the fleet's decision out."""
-        self._evidence_next = time.monotonic() + self._evidence_interval
+        now = time.monotonic()
+        self._evidence_next = now + self._evidence_interval
+        # Sends near a threshold come at most ten times as often as the others.
+        self._urgent, self._urgent_next = False, now + self._evidence_interval / 10
         names, self._evidence = sorted(self._evidence), set()
         breakers = self._manager.breakers()
         quorums = [b.policy.quorum for n in names if (b := breakers.get(n)) is not None]
@@ -509,6 +543,12 @@ class StateSync:
                 self._apply(name, result.stored)
             return
         breaker.reported = evidence.run > 0 or evidence.failures > 0
+        self._sent[name] = (
+            breaker.generation,
+            evidence.run,
+            result.fleet_run,
+            result.failing_instances,
+        )
         if (breaker.failure_count, breaker.window_counts()[1]) != (evidence.run, evidence.failures):
             self.mark_evidence(name)  # calls ended while the counts were on their way
         stored = result.stored

@@ -31,6 +31,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("restore.py", {"settings"}),
         ("peers.py", {"settings"}),
         ("fleet_propagation.py", {"settings", "propagation_ms"}),
+        ("fleet_evidence.py", {"settings", "failed_calls", "redis_steady"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:
