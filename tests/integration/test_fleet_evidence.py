@@ -24,7 +24,9 @@ def evidence_config(url: str, key_prefix: str, interval: float = 1, **policy: An
     discovery = {"failure_threshold": 12, "min_calls": 100_000, "timeout_seconds": 30, **policy}
     return Config(
         redis={"url": url, "key_prefix": key_prefix, "sync_interval_seconds": interval},
-        circuit_breaker={"services": {"discovery": discovery}},
+        # sona counts for the fleet whatever discovery does: its counts reaching Redis show that
+        # an evidence flush happened.
+        circuit_breaker={"services": {"discovery": discovery, "sona": {"failure_threshold": 50}}},
     )
 
 
@@ -32,10 +34,16 @@ def boom() -> None:
     raise RuntimeError("upstream failed")
 
 
-async def fail(manager: CircuitBreakerManager, times: int = 1) -> None:
+async def fail(manager: CircuitBreakerManager, times: int = 1, service: str = "discovery") -> None:
     for _ in range(times):
         with pytest.raises(RuntimeError):
-            await manager.call("discovery", boom)
+            await manager.call(service, boom)
+
+
+def flushed(redis_server: RedisServer, key_prefix: str, *managers: CircuitBreakerManager) -> Any:
+    """A condition: every manager's counts for sona are in Redis (an evidence flush ran)."""
+    key = f"{key_prefix}:sona:evidence"
+    return lambda: all(redis_server.client().hexists(key, m.instance_id) for m in managers)
 
 
 async def ok(manager: CircuitBreakerManager) -> bool:
@@ -99,12 +107,16 @@ async def test_error_rate_rule_counts_the_fleets_window(fleet: Any) -> None:
     assert managers[0].get("discovery").last_cause == "error_rate"
 
 
-async def test_instance_counting_keeps_each_instance_alone(fleet: Any) -> None:
+async def test_instance_counting_keeps_each_instance_alone(
+    fleet: Any, redis_shared: RedisServer, key_prefix: str
+) -> None:
     managers = await fleet(3, counting="instance")
     for manager in managers:
         await fail(manager, 11)
-    await asyncio.sleep(0.2)  # several flush intervals: nothing is sent, nothing opens
+        await fail(manager, 1, "sona")
+    await wait_until(flushed(redis_shared, key_prefix, *managers), message="a flush")
     assert all_in(managers, CLOSED)()
+    assert not redis_shared.client().exists(f"{key_prefix}:discovery:evidence")
 
 
 async def test_below_quorum_one_sick_instance_opens_for_itself_only(
@@ -161,8 +173,8 @@ async def test_a_run_ended_by_a_success_leaves_the_fleets_count(
     # Run 0 now; its window's 9 calls and 8 failures still count for the error rate.
     await wait_until(lambda: contribution()[:3] == [0, 9, 8], message="the run of 0 sent")
     await fail(b, 8)
-    await asyncio.sleep(0.2)  # several flush intervals
-    assert all_in([a, b], CLOSED)()
+    await wait_until(lambda: redis_shared.client().hexists(key, b.instance_id), message="sent")
+    assert all_in([a, b], CLOSED)()  # 0 + 8 of 12: the decision at b's report kept it closed
 
 
 async def test_recovery_ramp_runs_alike_on_two_instances(fleet: Any) -> None:
@@ -194,10 +206,14 @@ async def test_steady_traffic_sends_no_redis_command(
     for _ in range(1000):
         assert await ok(a)
         assert await ok(b)
-    await asyncio.sleep(0.2)  # several flush intervals: nothing may be sent after them either
+    # One failure elsewhere: once its counts are in Redis, a flush has run after the traffic.
+    await fail(a, 1, "sona")
+    await wait_until(flushed(redis_shared, key_prefix, a), message="a flush")
     stats = client.info("commandstats")
-    # Writes, evidence and probe leases are scripts; re-reads after subscribing are not.
-    assert not {"cmdstat_evalsha", "cmdstat_eval", "cmdstat_hset"} & stats.keys(), stats
+    # Writes, evidence and probe leases are scripts; re-reads after subscribing are not. The
+    # one script call is sona's.
+    assert stats["cmdstat_evalsha"]["calls"] == 1, stats
+    assert "cmdstat_eval" not in stats
     assert client.hgetall(f"{key_prefix}:discovery:evidence") == {}
 
 
