@@ -75,6 +75,8 @@ class BreakerSnapshot:
     """The operator's override, if any."""
     cause: str | None = None
     """Why the last transition happened (`failure_threshold`, `manual`, ...)."""
+    closed_at: float | None = None
+    """When a probe closed the breaker (the start of the recovery ramp); None otherwise."""
 
 
 class Permit:
@@ -97,6 +99,8 @@ class Permit:
 # `breaker.last_to`, `breaker.last_cause` and `breaker.last_reason` describe it.
 TransitionListener = Callable[["CircuitBreaker", CircuitState], None]
 ProbeListener = Callable[["CircuitBreaker", Permit], None]
+# Called when a fleet-counting breaker has counts the fleet has not seen yet (O(1), no I/O).
+EvidenceListener = Callable[["CircuitBreaker"], None]
 
 
 _FREE_PASS = Permit(-1, False, 0.0)
@@ -113,8 +117,12 @@ class CircuitBreaker:
     """
 
     __slots__ = (
+        "_fleet",
+        "_gated",
         "_in_flight",
         "_probe_hold_until",
+        "_ramp_from",
+        "_ramp_until",
         "_random",
         "_slow",
         "_window",
@@ -124,16 +132,20 @@ class CircuitBreaker:
         "calls_slow",
         "calls_success",
         "clock",
+        "closed_at",
         "failure_codes",
         "failure_count",
+        "fleet_counting",
         "generation",
         "last_cause",
         "last_failure_time",
         "last_from",
         "last_reason",
         "last_to",
+        "local",
         "manual",
         "name",
+        "on_evidence",
         "on_probe_done",
         "on_transition",
         "open_seconds",
@@ -141,6 +153,7 @@ class CircuitBreaker:
         "opened_at",
         "policy",
         "probed_period",
+        "reported",
         "state",
         "success_count",
         "version",
@@ -155,6 +168,7 @@ class CircuitBreaker:
         on_transition: TransitionListener | None = None,
         on_probe_done: ProbeListener | None = None,
         rng: Callable[[], float] = random.random,
+        on_evidence: EvidenceListener | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
@@ -185,6 +199,20 @@ class CircuitBreaker:
         self.last_from = self.last_to = CircuitState.CLOSED.value
         self.last_cause: str | None = None
         self.last_reason: str | None = None
+        # Fleet evidence: while `fleet_counting`, failures do not open the breaker by
+        # themselves; they are counts for the fleet's decision (`on_evidence` says there are
+        # new ones). `reported`: the fleet holds counts of ours that a success changes.
+        self.on_evidence = on_evidence
+        self._fleet = False  # a store that counts for the fleet is reachable
+        self.fleet_counting = False
+        self.reported = False
+        self.local = False  # open for this instance only (a quorum was not met)
+        # Recovery ramp: after a close, calls are let through with a share rising from 0 to 1
+        # between `_ramp_from` and `_ramp_until`. `_gated`: a ramp or a manual mode is active,
+        # so the closed fast path of `acquire` has one flag to test.
+        self.closed_at: float | None = None
+        self._ramp_from = self._ramp_until = 0.0
+        self._gated = False
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name} {self.state.value} gen={self.generation}>"
@@ -194,11 +222,14 @@ class CircuitBreaker:
     def acquire(self) -> Permit | None:
         """A permit for one call, or None when the call must be rejected."""
         state = self.state
-        if state is _CLOSED and self.manual is None:
+        if state is _CLOSED and not self._gated:
             # The clock is read only when a slow-call rule needs the start time.
             started = 0.0 if self._slow is None else self.clock()
             return Permit(self.generation, False, started)
         now = self.clock()
+        if self._ramp_until and self.manual is None and not self._ramp_admits(now):
+            self.calls_rejected += 1
+            return None
         manual = self.manual
         if manual is not None:
             if manual.until is not None and now >= manual.until:
@@ -254,6 +285,8 @@ class CircuitBreaker:
             self.success_count += 1
             self.failure_count = 0
             self._window.record(now, False)
+            if self.reported:
+                self._new_evidence()  # the fleet holds a run of ours this success ended
         else:
             self.calls_success += 1
             self._on_success(now)
@@ -279,6 +312,83 @@ class CircuitBreaker:
     def hold_probes(self, seconds: float) -> None:
         """Let no probe through for `seconds`: another instance holds the probe slots."""
         self._probe_hold_until = self.clock() + seconds
+
+    def _ramp_admits(self, now: float) -> bool:
+        """Whether the recovery ramp lets a call through now (ending the ramp when it is over)."""
+        if now >= self._ramp_until or self.state is not _CLOSED:
+            self._end_ramp()
+            return True
+        span = self._ramp_until - self._ramp_from
+        return self._random() * span < now - self._ramp_from
+
+    def start_ramp(self, closed_at: float) -> None:
+        """Ramp calls up from 0 to 100% over `recovery_seconds` from `closed_at`."""
+        recovery = self.policy.recovery_seconds
+        if recovery is None or self.state is not _CLOSED or closed_at + recovery <= self.clock():
+            return
+        self._ramp_from, self._ramp_until = closed_at, closed_at + recovery
+        self._gated = True
+
+    def _end_ramp(self) -> None:
+        self._ramp_from = self._ramp_until = 0.0
+        self._gated = self.manual is not None
+
+    @property
+    def ramping(self) -> bool:
+        """Whether a recovery ramp is on (it ends at the first call after its time is up)."""
+        return bool(self._ramp_until) and self.clock() < self._ramp_until
+
+    def ramp_share(self, now: float | None = None) -> float:
+        """Share of calls the recovery ramp lets through now (1.0 when no ramp is on)."""
+        if not self._ramp_until:
+            return 1.0
+        now = self.clock() if now is None else now
+        span = self._ramp_until - self._ramp_from
+        return min(1.0, max(0.0, (now - self._ramp_from) / span))
+
+    # -- fleet evidence ----------------------------------------------------------------------
+
+    def set_fleet(self, available: bool) -> None:
+        """Whether a store that counts for the fleet is reachable (the sync says so).
+
+        Losing it, the breaker counts alone again, and opens now if its own counts say so.
+        """
+        self._fleet = available
+        was = self.fleet_counting
+        self.fleet_counting = available and self.policy.counting == "fleet"
+        if was and not self.fleet_counting:
+            self.reported = False
+            self._check_own(self.clock(), None)
+
+    def _new_evidence(self) -> None:
+        if self.on_evidence is not None:
+            self.on_evidence(self)
+
+    def own_rule(self, now: float | None = None) -> str | None:
+        """The rule this instance's own counts meet (`failure_threshold`, `error_rate`), if any."""
+        policy = self.policy
+        if self.failure_count >= policy.failure_threshold:
+            return "failure_threshold"
+        calls, failures = self._window.counts(self.clock() if now is None else now)
+        if calls >= policy.min_calls and failures >= policy.error_rate_threshold * calls:
+            return "error_rate"
+        return None
+
+    def _check_own(self, now: float, cause: str | None) -> None:
+        if self.state is not _CLOSED or self.manual is not None:
+            return
+        rule = self.own_rule(now)
+        if rule is not None:
+            self._transition(_OPEN, now, cause or rule)
+
+    def open_locally(self, cause: str) -> bool:
+        """Open for this instance only: the fleet's quorum was not met. Returns whether it did."""
+        if self.state is not _CLOSED or self.manual is not None:
+            return False
+        self.local = True
+        self.reported = True  # our counts stay in the fleet's evidence until we close
+        self._transition(_OPEN, self.clock(), cause)
+        return True
 
     def _probe_done(self, permit: Permit) -> None:
         if permit.lease is not None and self.on_probe_done is not None:
@@ -327,6 +437,17 @@ class CircuitBreaker:
             return
         window = self._window
         window.record(now, True)
+        if self.fleet_counting and self.manual is None:
+            self._new_evidence()  # the fleet decides on every instance's counts
+            # Our own counts alone decide without a round trip: with quorum 1 the fleet would
+            # open on them (it opens now, for the fleet); above it, we open for ourselves.
+            rule = self.own_rule(now)
+            if rule is not None:
+                if self.policy.quorum > 1:
+                    self.open_locally(cause or rule)
+                else:
+                    self._transition(CircuitState.OPEN, now, cause or rule)
+            return
         policy = self.policy
         if self.failure_count >= policy.failure_threshold:
             self._transition(CircuitState.OPEN, now, cause or "failure_threshold")
@@ -344,6 +465,9 @@ class CircuitBreaker:
         self._probe_hold_until = 0.0
         if previous is CircuitState.HALF_OPEN:
             self.probed_period = self.opened_at
+        if self._ramp_until:
+            self._end_ramp()
+        self.closed_at = None
         if state is CircuitState.OPEN:
             self.open_seconds = self._next_open_seconds(previous)
             self.opened_at = now
@@ -355,7 +479,13 @@ class CircuitBreaker:
             self.failure_count = 0
             self.success_count = 0
             self._window.reset()
+            self.closed_at = now
+            self.start_ramp(now)
         self._notify(previous, previous.value, state.value, cause, None)
+        if state is CircuitState.CLOSED and self.local:
+            self.local = False  # the close was ours alone too; the fleet's counts follow
+            if self.reported:
+                self._new_evidence()
 
     def _notify(
         self, previous: CircuitState, old: str, new: str, cause: str, reason: str | None
@@ -387,6 +517,7 @@ class CircuitBreaker:
         """Put the breaker in a manual mode (None lifts it). Calls in flight count for nothing."""
         old = self.effective_state
         self.manual = manual
+        self._gated = manual is not None or bool(self._ramp_until)
         self._forget_in_flight()
         self._notify(self.state, old, self.effective_state, cause, reason)
 
@@ -404,6 +535,11 @@ class CircuitBreaker:
         previous = self.state
         self.state = CircuitState.CLOSED
         self.manual = None
+        self._end_ramp()  # the operator starts over: no ramp
+        self.closed_at = None
+        self.local = False
+        if self.reported:
+            self._new_evidence()
         self.failure_count = self.success_count = 0
         self.last_failure_time = None
         self.opened_at = None
@@ -420,6 +556,7 @@ class CircuitBreaker:
         self.policy = policy
         self._slow = policy.slow_call_seconds
         self.failure_codes = policy.failure_status_codes
+        self.set_fleet(self._fleet)  # the policy may turn fleet counting on or off
         if self.state is not CircuitState.OPEN:
             self.open_seconds = policy.timeout_seconds
         elif self.opened_at is not None:
@@ -457,6 +594,7 @@ class CircuitBreaker:
             ),
             manual=self.manual,
             cause=self.last_cause,
+            closed_at=self.closed_at if self.state is _CLOSED else None,
         )
 
     def restore(self, snapshot: BreakerSnapshot) -> bool:
@@ -465,7 +603,8 @@ class CircuitBreaker:
         On a change, calls in flight count for nothing afterwards. No transition is reported:
         this transition is already the fleet's.
         """
-        changed = snapshot.state is not self.state or snapshot.manual != self.manual
+        # A breaker open for this instance only changes too: it becomes the fleet's.
+        changed = snapshot.state is not self.state or snapshot.manual != self.manual or self.local
         old, previous = self.effective_state, self.state
         self.state = snapshot.state
         self.manual = snapshot.manual
@@ -478,7 +617,12 @@ class CircuitBreaker:
         if snapshot.state is CircuitState.OPEN:
             start = snapshot.opened_at if snapshot.opened_at is not None else self.clock()
             self.open_until = start + self.open_seconds
+        self._gated = self.manual is not None or bool(self._ramp_until)
         if changed:
+            self.local = False  # the fleet's state replaces one of ours alone
+            if snapshot.state is not CircuitState.CLOSED:
+                self.reported = False  # the fleet opened: its evidence starts over
+                self._end_ramp()
             self._forget_in_flight()
             if snapshot.state is CircuitState.CLOSED:
                 self._window.reset()
@@ -488,4 +632,9 @@ class CircuitBreaker:
                 self.last_from, self.last_to = previous.value, snapshot.state.value
             reason = self.manual.reason if self.manual is not None else None
             self.last_cause, self.last_reason = snapshot.cause or "restored", reason
+        if snapshot.state is CircuitState.CLOSED and snapshot.closed_at != self.closed_at:
+            self.closed_at = snapshot.closed_at
+            self._end_ramp()
+            if snapshot.closed_at is not None:
+                self.start_ramp(snapshot.closed_at)  # the fleet ramps up together
         return changed

@@ -82,6 +82,8 @@ class RedisSettings(BaseModel):
     """Bound on every Redis round trip made by the background tasks."""
     sync_interval_seconds: float = Field(1.0, gt=0, le=3600)
     """How often each instance re-reads the versions of its services (missed messages heal)."""
+    evidence_flush_seconds: float = Field(0.05, gt=0, le=60)
+    """With fleet counting: how often an instance that sees new failures sends its counts."""
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None

@@ -368,11 +368,14 @@ class CircuitBreakerManager:
         kwargs: dict[str, Any] = {
             "on_transition": self._on_transition,
             "on_probe_done": self._on_probe_done,
+            "on_evidence": self._on_evidence,
         }
         if self._clock is not None:
             kwargs["clock"] = self._clock
         breaker = CircuitBreaker(service, self.policy_for(service), **kwargs)
         self._breakers[service] = breaker
+        if self._sync is not None and self._sync.connected:
+            breaker.set_fleet(True)
         return breaker
 
     def _on_transition(self, breaker: CircuitBreaker, previous: CircuitState) -> None:
@@ -381,9 +384,33 @@ class CircuitBreakerManager:
         event = self._emit(
             breaker, breaker.last_from, breaker.last_to, cause, breaker.last_reason, origin
         )
+        if breaker.local:
+            # Opened (or probing, or closed again) for this instance only: never the fleet's.
+            if breaker.last_from == "closed":
+                logger.warning(
+                    "Circuit breaker opened for this instance only (service=%s, quorum=%d)",
+                    breaker.name,
+                    breaker.policy.quorum,
+                )
+            return
         if self._sync is not None:
             self._sync.queue_history(breaker.name, event)
             self._sync.mark_dirty(breaker.name)
+
+    def _on_evidence(self, breaker: CircuitBreaker) -> None:
+        if self._sync is not None:
+            self._sync.mark_evidence(breaker.name)
+
+    def fleet_decided(self, breaker: CircuitBreaker) -> None:
+        """This instance's counts made the fleet open `breaker` (in the store already)."""
+        self._emit(
+            breaker,
+            breaker.last_from,
+            breaker.last_to,
+            breaker.last_cause or "failure_threshold",
+            None,
+            "local",
+        )
 
     def adopted(self, breaker: CircuitBreaker) -> None:
         """The store's sync adopted another instance's state for `breaker` (origin fleet)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -86,6 +86,17 @@ class Policy(BaseModel):
     """Calls slower than this count as failures; None turns the rule off."""
     failure_status_codes: frozenset[int] = frozenset(range(500, 600))
     """HTTP statuses that count as failures (ints, "500-599" ranges or "5xx" classes)."""
+    counting: Literal["fleet", "instance"] = "fleet"
+    """With Redis: `fleet` counts every instance's calls for the failure rules (the fleet opens
+    on the fleet's evidence); `instance` counts each instance's own calls alone. In memory,
+    or while Redis is unreachable, every instance counts alone."""
+    quorum: int = Field(1, ge=1, le=10_000)
+    """With fleet counting: distinct instances that must have seen failures before the fleet
+    opens (with fewer live instances, all of them). Below it an instance whose own failures
+    meet the rule opens for itself only."""
+    recovery_seconds: PositiveSeconds | None = None
+    """After a close, the share of calls let through rises linearly from 0 to 100% over this
+    time (on Redis's clock with Redis); the others get 503. None lets every call through."""
 
     @field_validator("failure_status_codes", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from gateway_breaker.breaker import BreakerSnapshot, CircuitBreaker, CircuitState, Permit
 from gateway_breaker.config import RedisSettings
 from gateway_breaker.errors import StoreError
-from gateway_breaker.store.base import StateStore
+from gateway_breaker.store.base import Evidence, EvidenceResult, StateStore
 from gateway_breaker.views import FleetView, TransitionEvent
 
 if TYPE_CHECKING:
@@ -74,11 +74,70 @@ class StateSync:
         self.connected = False
         self._outage_logged = False
         self._closing = False
+        # Fleet evidence: services with counts the fleet has not seen, sent at most every
+        # `evidence_flush_seconds`; `live` is the number of registered instances (0: unknown).
+        self._evidence: set[str] = set()
+        self._evidence_interval = settings.evidence_flush_seconds
+        self._evidence_next = 0.0
+        self._evidence_timer: asyncio.TimerHandle | None = None
+        self.live = 0
+        self._live_at = 0.0  # when `live` was counted (monotonic)
+        # service -> (run we sent, fleet's run and failing instances in the reply): a run that
+        # may have brought the fleet near its threshold is sent without waiting the interval.
+        self._sent: dict[str, tuple[int, int, int, int]] = {}  # with the breaker's generation
+        self._urgent = False
+        self._urgent_next = 0.0
 
     # -- called from the request path: no I/O, O(1) ----------------------------------------
 
     def mark_dirty(self, service: str) -> None:
         self._dirty.add(service)
+        self._wake.set()
+
+    def mark_evidence(self, service: str) -> None:
+        """A fleet-counting breaker has new counts: send them with the next evidence flush."""
+        self._evidence.add(service)
+        if not self.connected:
+            return
+        if not self._urgent and self._near_threshold(service):
+            self._urgent = True
+            if self._evidence_timer is not None:
+                self._evidence_timer.cancel()  # it was set for the ordinary interval
+                self._evidence_timer = None
+        if self._evidence_timer is None:
+            self._schedule_evidence()
+
+    def _near_threshold(self, service: str) -> bool:
+        """Whether the fleet's run may have reached half the threshold since our last report:
+        the fleet's run then, plus our new failures as many times as instances fail."""
+        breaker = self._manager.find(service)
+        if breaker is None:
+            return False
+        generation, sent_run, fleet_run, failing = self._sent.get(service, (0, 0, 0, 0))
+        if generation != breaker.generation:
+            sent_run = fleet_run = failing = 0  # a transition since: a new period's counts
+        new = breaker.failure_count - sent_run
+        if new <= 0:
+            return False
+        return (
+            2 * (fleet_run + new * max(failing, self.live, 1)) >= breaker.policy.failure_threshold
+        )
+
+    def _schedule_evidence(self) -> None:
+        due = self._urgent_next if self._urgent else self._evidence_next
+        delay = due - time.monotonic()
+        if delay <= 0:
+            self._wake.set()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._wake.set()
+            return
+        self._evidence_timer = loop.call_later(delay, self._evidence_due)
+
+    def _evidence_due(self) -> None:
+        self._evidence_timer = None
         self._wake.set()
 
     def track(self, service: str) -> None:
@@ -152,8 +211,8 @@ class StateSync:
         Without Redis (or when it does not answer in time) the breaker's own per-instance
         limit is all there is, and the probe goes ahead.
         """
-        if not self.connected:
-            return True
+        if not self.connected or breaker.local:
+            return True  # a breaker open for this instance only probes for itself
         policy = breaker.policy
         token = f"{self._instance}:{next(self._tokens)}"
         try:
@@ -189,6 +248,9 @@ class StateSync:
             )
             await self._load_policies(services)
             await self._reconcile(services)
+            self._set_fleet(True)
+            if self._register:
+                await self._register_instance()
         except StoreError as exc:
             self._lost(exc)
         self._tasks = [
@@ -198,6 +260,9 @@ class StateSync:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._evidence_timer is not None:
+            self._evidence_timer.cancel()
+            self._evidence_timer = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -265,6 +330,13 @@ class StateSync:
                     await self._reconcile(names)
                 if self._dirty:
                     await self._flush()
+                if self._evidence:
+                    now = time.monotonic()
+                    urgent = self._urgent and now >= self._urgent_next
+                    if urgent or now >= self._evidence_next:
+                        await self._send_evidence()
+                    elif self._evidence_timer is None:
+                        self._schedule_evidence()
                 while self._leases_to_free:
                     service, token = self._leases_to_free.pop()
                     await self.store.release_probe(service, token)
@@ -278,9 +350,7 @@ class StateSync:
                     await self._reconcile(list(self._manager.breakers()))
                     await self._load_policies(list(self._manager.breakers()))
                     if self._register:
-                        await self.store.register(
-                            self._manager.instance_view(), ttl=max(5.0, 3 * self._interval)
-                        )
+                        await self._register_instance()
             except StoreError as exc:
                 self._lost(exc)
 
@@ -343,6 +413,11 @@ class StateSync:
             self.connected = False
             logger.debug("Redis still unreachable for circuit breaker state: %s", exc)
             return False
+        self._set_fleet(True)
+        for name, breaker in self._manager.breakers().items():
+            # Our counts of the outage may not be in Redis (it may even have restarted).
+            if breaker.fleet_counting and (breaker.failure_count or breaker.window_counts()[1]):
+                self.mark_evidence(name)
         if self._outage_logged:
             logger.warning(
                 "Reconnected to Redis for circuit breaker persistence (url=%s); state re-synced",
@@ -355,6 +430,7 @@ class StateSync:
         self.errors[exc.operation] = self.errors.get(exc.operation, 0) + 1
         self.connected = False
         self._wake.set()
+        alone = self._set_fleet(False)
         if self._outage_logged:
             return
         self._outage_logged = True
@@ -370,6 +446,129 @@ class StateSync:
             self.store.describe(),
             exc,
         )
+        if alone:
+            logger.warning(
+                "Circuit breakers count failures per instance while Redis is unreachable"
+                " (services=%s)",
+                ",".join(alone),
+            )
+
+    def _set_fleet(self, available: bool) -> list[str]:
+        """Tell every breaker whether fleet counting is possible. Returns the services that
+        counted for the fleet and no longer do."""
+        changed = []
+        for name, breaker in sorted(self._manager.breakers().items()):
+            was = breaker.fleet_counting
+            breaker.set_fleet(available)
+            if was and not breaker.fleet_counting:
+                changed.append(name)
+        return changed
+
+    async def _register_instance(self) -> None:
+        ttl = max(5.0, 3 * self._interval)
+        await self.store.register(self._manager.instance_view(), ttl=ttl)
+        await self._count_live()
+
+    async def _count_live(self) -> None:
+        self.live = await self.store.live_instances(max(5.0, 3 * self._interval))
+        self._live_at = time.monotonic()
+
+    def quorum(self, breaker: CircuitBreaker) -> int:
+        """The quorum the fleet's decision needs: the policy's, or every live instance when
+        fewer are registered (at least 1; the policy's while the number is unknown)."""
+        quorum = breaker.policy.quorum
+        if quorum > 1 and self.live > 0:
+            quorum = min(quorum, self.live)
+        return quorum
+
+    async def _send_evidence(self) -> None:
+        """One script call per service with new counts: ours in, the fleet's decision out."""
+        now = time.monotonic()
+        self._evidence_next = now + self._evidence_interval
+        # Sends near a threshold come at most ten times as often as the others.
+        self._urgent, self._urgent_next = False, now + self._evidence_interval / 10
+        names, self._evidence = sorted(self._evidence), set()
+        breakers = self._manager.breakers()
+        quorums = [b.policy.quorum for n in names if (b := breakers.get(n)) is not None]
+        if self._register and max(quorums, default=1) > 1:
+            # Fewer live instances than a quorum lowers it: count them afresh before relying
+            # on that (instances that started since the last count are live too).
+            stale = time.monotonic() - self._live_at > self._interval
+            if stale or self.live < max(quorums):
+                try:
+                    await self._count_live()
+                except StoreError as exc:
+                    self._evidence.update(names)
+                    self._lost(exc)
+                    raise
+        for i, name in enumerate(names):
+            breaker = breakers.get(name)
+            if (
+                breaker is None
+                or not breaker.fleet_counting
+                or breaker.manual is not None
+                or (breaker.state is not CircuitState.CLOSED and not breaker.local)
+            ):
+                continue  # nothing the fleet's decision needs from us now
+            policy = breaker.policy
+            run = breaker.failure_count
+            calls, failures = breaker.window_counts()
+            evidence = Evidence(
+                instance=self._manager.instance_id,
+                run=run,
+                calls=calls,
+                failures=failures,
+                version=breaker.version,
+                window_seconds=policy.window_seconds,
+                failure_threshold=policy.failure_threshold,
+                min_calls=policy.min_calls,
+                error_rate_threshold=policy.error_rate_threshold,
+                quorum=self.quorum(breaker),
+            )
+            try:
+                result = await self.store.report_evidence(name, evidence)
+            except BaseException as exc:
+                self._evidence.update(names[i:])  # sent again after the reconnect
+                if isinstance(exc, StoreError):
+                    self._lost(exc, name)
+                raise
+            self._evidence_decided(breaker, evidence, result)
+
+    def _evidence_decided(
+        self, breaker: CircuitBreaker, evidence: Evidence, result: EvidenceResult
+    ) -> None:
+        name = breaker.name
+        if result.outcome == "stale":
+            if result.stored is not None:
+                self._apply(name, result.stored)
+            return
+        breaker.reported = evidence.run > 0 or evidence.failures > 0
+        self._sent[name] = (
+            breaker.generation,
+            evidence.run,
+            result.fleet_run,
+            result.failing_instances,
+        )
+        if (breaker.failure_count, breaker.window_counts()[1]) != (evidence.run, evidence.failures):
+            self.mark_evidence(name)  # calls ended while the counts were on their way
+        stored = result.stored
+        if result.outcome == "opened" and stored is not None:
+            if stored.version <= breaker.version:
+                return
+            # Our counts opened the fleet: the stored open state is our own transition.
+            self._dirty.discard(name)
+            self._pending_history.pop(name, None)
+            if breaker.restore(stored):
+                self._manager.fleet_decided(breaker)
+            logger.debug(
+                "Fleet opened circuit breaker on its evidence (service=%s, failure_count=%d,"
+                " instances=%d)",
+                name,
+                result.fleet_run,
+                result.failing_instances,
+            )
+        elif result.outcome == "local" and not breaker.local and breaker.own_rule() is not None:
+            breaker.open_locally(result.cause or "failure_threshold")
 
     # -- agreement with the store ----------------------------------------------------------
 
@@ -383,7 +582,7 @@ class StateSync:
             breaker = breakers[name]
             snapshot = stored.get(name)
             if snapshot is None:
-                if breaker.state is not CircuitState.CLOSED:
+                if breaker.state is not CircuitState.CLOSED and not breaker.local:
                     self.mark_dirty(name)  # the key expired or Redis lost it: put ours back
             elif snapshot.version != breaker.version:
                 self._adopt(breaker, snapshot)
@@ -400,8 +599,8 @@ class StateSync:
         while self._dirty:
             name = self._dirty.pop()
             breaker = breakers.get(name)
-            if breaker is None:
-                continue
+            if breaker is None or breaker.local:
+                continue  # open for this instance only: never the fleet's state
             snapshot = breaker.snapshot()
             events = self._pending_history.pop(name, [])
             self._writing.add(name)

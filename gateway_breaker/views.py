@@ -72,6 +72,7 @@ class BreakerView:
             manual=breaker.manual,
             policy=breaker.policy,
             policy_overridden=policy_overridden,
+            local=breaker.local,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("peers.py", {"settings"}),
         ("fleet_propagation.py", {"settings", "propagation_ms"}),
         ("metrics_cost.py", {"settings", "request_path", "scrape", "history"}),
+        ("fleet_evidence.py", {"settings", "failed_calls", "redis_steady"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:

@@ -22,6 +22,41 @@ class WriteResult:
     stored: BreakerSnapshot | None
 
 
+@dataclass(frozen=True, slots=True)
+class EvidenceResult:
+    """Outcome of reporting one instance's counts for the fleet's decision.
+
+    `outcome`: `opened` (the fleet opened now; `stored` is the open state written), `stale`
+    (the stored state is newer or not closed: `stored`, counts not recorded), `local` (the rule
+    holds on this instance's counts alone, below quorum: `cause` says which rule), `counted`.
+    The fleet's sums are those the decision saw.
+    """
+
+    outcome: str
+    stored: BreakerSnapshot | None = None
+    cause: str | None = None
+    fleet_run: int = 0
+    fleet_calls: int = 0
+    fleet_failures: int = 0
+    failing_instances: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """One instance's counts and the rule they are judged by."""
+
+    instance: str
+    run: int
+    calls: int
+    failures: int
+    version: int
+    window_seconds: float
+    failure_threshold: int
+    min_calls: int
+    error_rate_threshold: float
+    quorum: int
+
+
 class StateStore(Protocol):
     """Shared breaker state, one record per service, versioned.
 
@@ -81,6 +116,16 @@ class StateStore(Protocol):
 
     async def release_probe(self, service: str, token: str) -> None:
         """Give a probe slot back before its lease runs out."""
+        ...
+
+    async def report_evidence(self, service: str, evidence: Evidence) -> EvidenceResult:
+        """Store this instance's counts (replacing its last ones), drop contributions older than
+        the window, and open the fleet's breaker atomically if the fleet's counts meet the rule
+        with `quorum` failing instances and the stored state is still closed."""
+        ...
+
+    async def live_instances(self, ttl: float) -> int:
+        """How many instances registered within the last `ttl` seconds."""
         ...
 
     def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | None]:

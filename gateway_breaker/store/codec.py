@@ -50,6 +50,8 @@ def encode_state(snapshot: BreakerSnapshot) -> str:
         }
     if snapshot.cause is not None:
         doc["cause"] = snapshot.cause
+    if snapshot.closed_at is not None:
+        doc["closed_at_ms"] = round(snapshot.closed_at * 1000)  # the recovery ramp's start
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -94,7 +96,14 @@ def decode_state(raw: bytes | str) -> BreakerSnapshot:
         open_seconds=_open_seconds(doc),
         manual=manual,
         cause=cause,
+        closed_at=_closed_at(doc, state),
     )
+
+
+def _closed_at(doc: dict[str, Any], state: CircuitState) -> float | None:
+    """When a probe closed the breaker (ms in the JSON); only a closed state has one."""
+    value = _time(doc, "closed_at_ms")
+    return None if value is None or state is not CircuitState.CLOSED else value / 1000
 
 
 def _manual(value: Any) -> ManualMode | None:

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - older redis-py
 from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url
 from gateway_breaker.errors import ConfigError, StoreError
-from gateway_breaker.store.base import WriteResult
+from gateway_breaker.store.base import Evidence, EvidenceResult, WriteResult
 from gateway_breaker.store.codec import MAX_REASON_CHARS, decode_state, encode_state
 from gateway_breaker.views import InstanceView, TransitionEvent
 
@@ -54,6 +54,8 @@ def _script(name: str) -> str:
 
 WRITE_STATE_LUA = _script("write_state")
 ACQUIRE_PROBE_LUA = _script("acquire_probe")
+COUNT_EVIDENCE_LUA = _script("count_evidence")
+_EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
 
 
 class RedisStateStore:
@@ -89,6 +91,7 @@ class RedisStateStore:
             self._scripts = {
                 "write": self._client.register_script(WRITE_STATE_LUA),
                 "probe": self._client.register_script(ACQUIRE_PROBE_LUA),
+                "evidence": self._client.register_script(COUNT_EVIDENCE_LUA),
             }
         return self._client
 
@@ -118,13 +121,14 @@ class RedisStateStore:
         # The scripts are loaded now, so that no request's probe lease pays for NOSCRIPT.
         client = self._redis()
         if isinstance(client, RedisCluster):
-            for source in (WRITE_STATE_LUA, ACQUIRE_PROBE_LUA):
+            for source in (WRITE_STATE_LUA, ACQUIRE_PROBE_LUA, COUNT_EVIDENCE_LUA):
                 await self._run("SCRIPT LOAD", client.script_load(source))
             await self.load([])
             return
         pipe = client.pipeline(transaction=False)
         pipe.script_load(WRITE_STATE_LUA)
         pipe.script_load(ACQUIRE_PROBE_LUA)
+        pipe.script_load(COUNT_EVIDENCE_LUA)
         pipe.time()
         sent = self._clock()
         replies = await self._run("SCRIPT LOAD/TIME", pipe.execute(), operation="connect")
@@ -206,6 +210,59 @@ class RedisStateStore:
 
     async def release_probe(self, service: str, token: str) -> None:
         await self._run("ZREM", self._redis().zrem(self.key(service, "probe"), token))
+
+    async def report_evidence(self, service: str, evidence: Evidence) -> EvidenceResult:
+        """One script call: this instance's counts in, the fleet's decision out."""
+        self._redis()
+        e = evidence
+        args: list[str | int | float] = [
+            e.instance,
+            e.run,
+            e.calls,
+            e.failures,
+            max(1, round(e.window_seconds * 1000)),
+            e.failure_threshold,
+            e.min_calls,
+            repr(float(e.error_rate_threshold)),
+            e.quorum,
+            e.version,
+            self.settings.state_ttl_seconds,
+            self.channel,
+            service,
+            self.instance,
+            HISTORY_MAX_LEN,
+        ]
+        keys = [
+            self.key(service),
+            self.key(service, "probe"),
+            self.key(service, "history"),
+            self.key(service, "evidence"),
+        ]
+        call = self._scripts["evidence"](keys=keys, args=args)
+        reply = await self._run("EVALSHA", call, operation="evidence")
+        code, text = int(reply[0]), reply[1]
+        outcome = _EVIDENCE_OUTCOMES.get(code)
+        if outcome is None:
+            raise StoreError(f"evidence: unexpected reply code {code}", "evidence")
+        stored = self._decode(service, text) if code in (0, 1) else None
+        cause = (text.decode() if isinstance(text, bytes) else str(text)) if code == 2 else None
+        return EvidenceResult(
+            outcome=outcome,
+            stored=stored,
+            cause=cause,
+            fleet_run=int(reply[2]),
+            fleet_calls=int(reply[3]),
+            fleet_failures=int(reply[4]),
+            failing_instances=int(reply[5]),
+        )
+
+    async def live_instances(self, ttl: float) -> int:
+        index = f"{self.settings.key_prefix}:instances"
+        since = round((self._clock() + self.offset - ttl) * 1000)
+        count: Any = await self._run(
+            "ZCOUNT", self._redis().zcount(index, since, "+inf"), operation="fleet"
+        )
+        return int(count)
 
     async def history(self, service: str, limit: int) -> list[TransitionEvent]:
         key = self.key(service, "history")
@@ -470,6 +527,7 @@ def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
         opened_at=moved(snapshot.opened_at),
         last_failure_time=moved(snapshot.last_failure_time),
         manual=manual,
+        closed_at=moved(snapshot.closed_at),
     )
 
 
