@@ -293,10 +293,16 @@ class CircuitBreaker:
         self.last_failure_time = snapshot.last_failure_time
         self.opened_at = snapshot.opened_at
         self.version = snapshot.version
-        self.open_seconds = snapshot.open_seconds or self.policy.timeout_seconds
+        # Clamped to the policy: no stored value holds the breaker open longer than it allows.
+        policy = self.policy
+        longest = max(policy.timeout_seconds, policy.max_timeout_seconds or 0.0)
+        self.open_seconds = min(
+            max(snapshot.open_seconds or policy.timeout_seconds, policy.timeout_seconds), longest
+        )
         if snapshot.state is CircuitState.OPEN:
-            start = snapshot.opened_at if snapshot.opened_at is not None else self.clock()
-            self.open_until = start + self.open_seconds
+            now = self.clock()
+            start = snapshot.opened_at if snapshot.opened_at is not None else now
+            self.open_until = min(start, now) + self.open_seconds
         if changed:
             self.generation += 1
             self._in_flight = 0

@@ -61,6 +61,7 @@ class StateSync:
         self.connected = False
         self._outage_logged = False
         self._closing = False
+        self._resubscribed = False  # the next re-read follows a lost subscription
 
     # -- called from the request path: no I/O, O(1) ----------------------------------------
 
@@ -193,7 +194,8 @@ class StateSync:
             try:
                 if self._to_load:
                     names, self._to_load = list(self._to_load), set()
-                    await self._reconcile(names)
+                    after_outage, self._resubscribed = self._resubscribed, False
+                    await self._reconcile(names, after_outage=after_outage)
                 if self._dirty:
                     await self._flush()
                 while self._leases_to_free:
@@ -208,6 +210,7 @@ class StateSync:
     async def _listen(self) -> None:
         """Apply other instances' transitions as they are announced (milliseconds)."""
         backoff = 0.05
+        subscribed = False
         while not self._closing:
             if not self.connected:
                 await self._sleep(0.05)
@@ -217,6 +220,8 @@ class StateSync:
                     if event is None:
                         # (Re)subscribed: what was announced while cut off is lost; re-read.
                         backoff = 0.05
+                        self._resubscribed = subscribed  # cut off: Redis may have lost keys
+                        subscribed = True
                         self._to_load.update(self._manager.breakers())
                         self._wake.set()
                     else:
@@ -228,7 +233,7 @@ class StateSync:
 
     def _apply(self, service: str, snapshot: BreakerSnapshot) -> None:
         breaker = self._manager.find(service)
-        if breaker is None or snapshot.version <= breaker.version:
+        if breaker is None or not _newer(snapshot.version, breaker.version):
             return  # not ours to care about, or older than what we know
         if self._unsent(service) and _knows_more(breaker, snapshot):
             breaker.version = snapshot.version
@@ -253,7 +258,7 @@ class StateSync:
             await self.store.connect()
             self.connected = True
             # Whatever happened meanwhile: adopt what others stored, write what we changed.
-            await self._reconcile(list(self._manager.breakers()))
+            await self._reconcile(list(self._manager.breakers()), after_outage=True)
         except StoreError as exc:
             self.connected = False
             logger.debug("Redis still unreachable for circuit breaker state: %s", exc)
@@ -287,7 +292,7 @@ class StateSync:
 
     # -- agreement with the store ----------------------------------------------------------
 
-    async def _reconcile(self, services: Iterable[str]) -> None:
+    async def _reconcile(self, services: Iterable[str], *, after_outage: bool = False) -> None:
         breakers = self._manager.breakers()
         names = [s for s in services if s in breakers]
         stored = await self.store.load(names)
@@ -297,9 +302,17 @@ class StateSync:
             breaker = breakers[name]
             snapshot = stored.get(name)
             if snapshot is None:
-                if breaker.state is not CircuitState.CLOSED:
-                    self.mark_dirty(name)  # the key expired or Redis lost it: put ours back
-            elif snapshot.version != breaker.version:
+                if breaker.state is CircuitState.CLOSED:
+                    continue
+                if breaker.version and not after_outage and not self.store.unusable(name):
+                    # Gone while we were connected: deleted (or expired). That resets it.
+                    self._adopt(breaker, BreakerSnapshot(CircuitState.CLOSED))
+                else:
+                    self.mark_dirty(name)  # never stored, lost, or unusable: put ours back
+            elif snapshot.version != breaker.version or (
+                # The seed's own format has no version: honour what it says.
+                snapshot.version == 0 and snapshot.state is not breaker.state
+            ):
                 self._adopt(breaker, snapshot)
         if self._dirty:
             await self._flush()
@@ -351,6 +364,11 @@ class StateSync:
             snapshot.state.value,
             snapshot.failure_count,
         )
+
+
+def _newer(version: int, known: int) -> bool:
+    """Whether `version` follows `known`; the store's script starts again at 1 after 2**53 - 1."""
+    return version > known or known - version > 2**52
 
 
 def _knows_more(breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> bool:

@@ -8,10 +8,20 @@
 -- ARGV[5]  service name (service names are validated: no quotes or backslashes)
 -- ARGV[6]  the new state's name
 -- ARGV[7]  writer's instance id (an instance ignores its own announcements)
+-- ARGV[8]  optional SHA1 of a stored value the writer's codec rejected: that value is overwritten
+--          (the codec alone decides which values are valid, so the two can never disagree)
 -- Returns {1, stored_json} when written, {0, current_json} when a newer version is stored.
-local current = redis.call('GET', KEYS[1])
+-- A key of another type (WRONGTYPE) holds nothing usable: SET below replaces it.
+local got = redis.pcall('GET', KEYS[1])
+local current = nil
+if type(got) == 'string' then
+  current = got
+end
 local expected = tonumber(ARGV[1])
 local stored = nil
+if current and ARGV[8] and ARGV[8] ~= '' and redis.sha1hex(current) == ARGV[8] then
+  current = nil  -- rejected by the writer's codec
+end
 if current then
   local ok, doc = pcall(cjson.decode, current)
   -- Only a well-formed state's version counts; anything else is overwritten.
@@ -24,6 +34,9 @@ if stored ~= nil and stored > expected then
   return {0, current}
 end
 local version = math.max(expected, stored or 0) + 1
+if version >= 9007199254740992 then
+  version = 1  -- 2^53: past it a double (and the codec) loses exactness; start again
+end
 local body = string.sub(ARGV[2], 1, -2)
 local encoded = body .. ',"version":' .. string.format('%d', version) .. '}'
 redis.call('SET', KEYS[1], encoded, 'EX', tonumber(ARGV[3]))

@@ -40,6 +40,10 @@ class StateStore(Protocol):
         """Stored states of `services` in one round trip; absent or unusable ones are left out."""
         ...
 
+    def unusable(self, service: str) -> bool:
+        """Whether the last value read for `service` was there but rejected by the codec."""
+        ...
+
     async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
         """Store `snapshot` if the stored version is still `snapshot.version` (or absent)."""
         ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 try:  # redis-py >= 7
     from redis.maint_notifications import MaintNotificationsConfig
@@ -139,7 +140,9 @@ class RedisStateStore:
         self._observe_clock(sent, now)
         found: dict[str, BreakerSnapshot] = {}
         for service, raw in zip(services, values, strict=True):
-            if raw is not None and (snapshot := self._decode(service, raw)) is not None:
+            if raw is None:
+                self._decoded.pop(service, None)
+            elif (snapshot := self._decode(service, raw)) is not None:
                 found[service] = snapshot
         return found
 
@@ -149,6 +152,10 @@ class RedisStateStore:
         offset = seconds + micros / 1e6 - (sent + self._clock()) / 2
         # Below a millisecond the difference is measurement noise: keep times as they are.
         self.offset = offset if abs(offset) >= 0.001 else 0.0
+
+    def unusable(self, service: str) -> bool:
+        cached = self._decoded.get(service)
+        return cached is not None and cached[1] is None
 
     async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
         self._redis()
@@ -163,9 +170,16 @@ class RedisStateStore:
             self.instance,
         ]
         keys = [self.key(service), self.key(service, "probe")]
-        reply = await self._run("EVALSHA", self._scripts["write"](keys=keys, args=args))
-        accepted, raw = int(reply[0]), reply[1]
-        return WriteResult(accepted=bool(accepted), stored=self._decode(service, raw))
+        for _ in range(3):
+            reply = await self._run("EVALSHA", self._scripts["write"](keys=keys, args=args))
+            accepted, raw = int(reply[0]), reply[1]
+            stored = self._decode(service, raw)
+            if accepted or stored is not None:
+                break
+            # The script kept a value our codec rejects: name it, so that it is overwritten.
+            raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
+            args[7:] = [hashlib.sha1(raw_bytes, usedforsecurity=False).hexdigest()]
+        return WriteResult(accepted=bool(accepted), stored=stored)
 
     async def acquire_probe(
         self, service: str, token: str, slots: int, lease_seconds: float, limit: float
@@ -178,7 +192,13 @@ class RedisStateStore:
         return int(wait_ms) / 1000
 
     async def release_probe(self, service: str, token: str) -> None:
-        await self._run("ZREM", self._redis().zrem(self.key(service, "probe"), token))
+        try:
+            await self._run("ZREM", self._redis().zrem(self.key(service, "probe"), token))
+        except StoreError as exc:
+            if not _wrong_type(exc):
+                raise
+            # A foreign value replaced the slots: nothing of ours to give back; the next
+            # acquire replaces it. One service's key, not an outage.
 
     async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot] | None]:
         """Stored states as instances write them; None once subscribed. Raises StoreError
@@ -355,6 +375,10 @@ def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
         opened_at=moved(snapshot.opened_at),
         last_failure_time=moved(snapshot.last_failure_time),
     )
+
+
+def _wrong_type(exc: StoreError) -> bool:
+    return isinstance(exc.__cause__, ResponseError) and "WRONGTYPE" in str(exc.__cause__)
 
 
 def _safe(exc: BaseException, url: str | None) -> str:
