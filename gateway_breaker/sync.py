@@ -228,6 +228,9 @@ class StateSync:
                         self._apply(*event)
             except StoreError as exc:
                 logger.debug("Circuit breaker event subscription lost: %s", exc)
+            except Exception:
+                # A last resort: whatever broke, the listener lives on and subscribes again.
+                logger.exception("Circuit breaker event listener failed; restarting it")
             await self._sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 

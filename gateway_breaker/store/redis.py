@@ -38,7 +38,7 @@ from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url
 from gateway_breaker.errors import ConfigError, StoreError
 from gateway_breaker.store.base import WriteResult
-from gateway_breaker.store.codec import decode_state, encode_state
+from gateway_breaker.store.codec import MAX_STATE_BYTES, decode_state, encode_state
 
 logger = logging.getLogger("gateway_breaker")
 T = TypeVar("T")
@@ -48,6 +48,8 @@ def _script(name: str) -> str:
     return files("gateway_breaker").joinpath(f"resources/{name}.lua").read_text()
 
 
+# An announcement is a stored state plus a short envelope: anything longer is not one.
+MAX_EVENT_BYTES = MAX_STATE_BYTES + 512
 WRITE_STATE_LUA = _script("write_state")
 ACQUIRE_PROBE_LUA = _script("acquire_probe")
 
@@ -73,6 +75,8 @@ class RedisStateStore:
         # unusable value is logged once.
         self._decoded: dict[str, tuple[bytes | str, BreakerSnapshot | None]] = {}
         self.offset = 0.0  # Redis clock minus ours, in seconds
+        self._services: set[str] = set()  # services loaded or written: the ones we use
+        self.dropped_events: dict[str, int] = {}  # announcements dropped, by kind
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
 
     def describe(self) -> str:
@@ -124,6 +128,7 @@ class RedisStateStore:
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
         client = self._redis()
+        self._services.update(services)
         keys = [self.key(s) for s in services]
         sent = self._clock()
         if isinstance(client, RedisCluster):
@@ -215,7 +220,7 @@ class RedisStateStore:
                 if message is None or message.get("type") != "message":
                     continue
                 event = self._decode_event(message["data"])
-                if event is not None:
+                if event is not None and (event := await self._verify(*event)) is not None:
                     yield event
         finally:
             with contextlib.suppress(RedisError, OSError, RuntimeError):
@@ -232,17 +237,69 @@ class RedisStateStore:
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _decode_event(self, data: bytes) -> tuple[str, BreakerSnapshot] | None:
+    def _decode_event(self, data: Any) -> tuple[str, BreakerSnapshot] | None:
+        """An announcement, or None: ours, or dropped (and counted) as hostile or broken."""
+        if not isinstance(data, bytes | str) or len(data) > MAX_EVENT_BYTES:
+            self._drop("oversized", f"more than {MAX_EVENT_BYTES} bytes")
+            return None
         try:
             doc = json.loads(data)
-            service = doc["service"]
-            raw = json.dumps(doc["state"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested
+            self._drop("malformed", f"not JSON: {type(exc).__name__}")
             return None
-        if not isinstance(service, str) or doc.get("origin") == self.instance:
+        if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+            self._drop("malformed", "not an announcement object")
             return None
-        snapshot = self._decode(service, raw)
-        return None if snapshot is None else (service, snapshot)
+        service = doc.get("service")
+        if doc.get("origin") == self.instance:
+            return None
+        if not isinstance(service, str) or service not in self._services:
+            # Never decoded or cached: a flood of invented names must not grow memory.
+            self._drop("unknown_service", "a service this instance does not use")
+            return None
+        try:
+            snapshot = decode_state(json.dumps(doc["state"]))
+        except (ValueError, RecursionError) as exc:
+            self._drop("invalid_state", str(exc)[:120])
+            return None
+        return service, _shift(snapshot, -self.offset)
+
+    async def _verify(
+        self, service: str, announced: BreakerSnapshot
+    ) -> tuple[str, BreakerSnapshot] | None:
+        """The announced state if the store holds it (or a newer one); forgeries are dropped.
+
+        An announcement is a hint; the stored value is the fleet's state. One GET, in the
+        listener, for a state newer than the last one this store read.
+        """
+        cached = self._decoded.get(service)
+        known = cached[1].version if cached is not None and cached[1] is not None else -1
+        if 0 <= known - announced.version <= 2**52:
+            return None  # nothing new (the sync ignores older versions anyway)
+        raw = await self._run("GET", self._redis().get(self.key(service)))
+        stored = None if raw is None else self._decode(service, raw)
+        if stored is not None and (
+            stored == announced
+            or stored.version > announced.version
+            or announced.version - stored.version > 2**52  # the version started again at 1
+        ):
+            return service, stored
+        self._drop("forged", "the announced state is not the stored one")
+        return None
+
+    def _drop(self, kind: str, why: str) -> None:
+        count = self.dropped_events.get(kind, 0)
+        self.dropped_events[kind] = count + 1
+        if not count:
+            # Another instance's service is no sign of trouble; the other kinds are.
+            level = logging.DEBUG if kind == "unknown_service" else logging.WARNING
+            logger.log(
+                level,
+                "Dropped a circuit breaker event from Redis (kind=%s, error=%s); further ones"
+                " of this kind are counted, not logged",
+                kind,
+                why,
+            )
 
     def _decode(self, service: str, raw: bytes | str) -> BreakerSnapshot | None:
         cached = self._decoded.get(service)
