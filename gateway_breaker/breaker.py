@@ -74,6 +74,7 @@ class CircuitBreaker:
     __slots__ = (
         "_in_flight",
         "_probe_hold_until",
+        "_probes",
         "_random",
         "_slow",
         "_window",
@@ -123,6 +124,7 @@ class CircuitBreaker:
         self.generation = 0
         self.version = 0  # version of the stored state this breaker last agreed with
         self._in_flight = 0  # probes out while half-open
+        self._probes: dict[Permit, None] = {}  # those probes, oldest first
         self._window = RollingWindow(policy.window_seconds)
         self._slow = policy.slow_call_seconds
         self.failure_codes = policy.failure_status_codes  # HTTP statuses that are failures
@@ -144,10 +146,16 @@ class CircuitBreaker:
             if now < self.open_until:
                 return None
             self._transition(_HALF_OPEN, now)
-        if self._in_flight >= self.policy.half_open_max_calls or now < self._probe_hold_until:
+        if self._in_flight >= self.policy.half_open_max_calls and (
+            not self._expire_probe(now) or self.state is not _HALF_OPEN
+        ):
+            return None
+        if now < self._probe_hold_until:
             return None
         self._in_flight += 1
-        return Permit(self.generation, True, now)
+        permit = Permit(self.generation, True, now)
+        self._probes[permit] = None
+        return permit
 
     def record(self, permit: Permit, failed: bool) -> None:
         """Report the outcome of a permitted call. Stale permits change nothing."""
@@ -163,6 +171,7 @@ class CircuitBreaker:
             failed = True
         if permit.probe:
             self._in_flight -= 1
+            self._probes.pop(permit, None)
             self._probe_done(permit)
         if failed:
             self._on_failure(now)
@@ -181,7 +190,28 @@ class CircuitBreaker:
         permit.done = True
         if permit.probe and permit.generation == self.generation:
             self._in_flight -= 1
+            self._probes.pop(permit, None)
         self._probe_done(permit)
+
+    def probe_deadline(self) -> float:
+        """Longest a probe may take: `slow_call_seconds` (a slower probe has failed), else
+        `probe_lease_seconds`. Past it, the probe's slot is free again."""
+        slow = self._slow
+        return self.policy.probe_lease_seconds if slow is None else slow
+
+    def _expire_probe(self, now: float) -> bool:
+        """Free the slot of the oldest probe if it ran past its deadline; whether one was."""
+        oldest = next(iter(self._probes), None)
+        if oldest is None or now - oldest.started <= self.probe_deadline():
+            return False
+        del self._probes[oldest]
+        self._in_flight -= 1
+        oldest.generation = -1  # its outcome, if it ever comes, counts for nothing
+        self._probe_done(oldest)  # and the fleet's slot is given back
+        oldest.lease = None
+        if self._slow is not None:
+            self._on_failure(now)  # slower than slow_call_seconds: it failed; reopens
+        return True
 
     def hold_probes(self, seconds: float) -> None:
         """Let no probe through for `seconds`: another instance holds the probe slots."""
@@ -239,6 +269,7 @@ class CircuitBreaker:
         self.state = state
         self.generation += 1
         self._in_flight = 0
+        self._probes.clear()
         self._probe_hold_until = 0.0
         if previous is CircuitState.HALF_OPEN:
             self.probed_period = self.opened_at
@@ -306,6 +337,7 @@ class CircuitBreaker:
         if changed:
             self.generation += 1
             self._in_flight = 0
+            self._probes.clear()
             self._probe_hold_until = 0.0
             if snapshot.state is CircuitState.CLOSED:
                 self._window.reset()

@@ -34,6 +34,8 @@ MAX_BACKOFF_SECONDS = 5.0
 FIRST_LOAD_TIMEOUT_SECONDS = 0.25
 # The one round trip a request may wait on: taking a fleet-wide probe slot.
 PROBE_LEASE_TIMEOUT_SECONDS = 0.25
+# While another instance holds the probe slots, ask again after at most this long.
+PROBE_RECHECK_SECONDS = 0.25
 
 
 class StateSync:
@@ -94,7 +96,8 @@ class StateSync:
                 breaker.name,
                 token,
                 policy.half_open_max_calls,
-                policy.probe_lease_seconds,
+                # A probe past its deadline has no claim on the slot: abandoned, it frees then.
+                min(policy.probe_lease_seconds, breaker.probe_deadline()),
                 PROBE_LEASE_TIMEOUT_SECONDS,
             )
         except StoreError as exc:
@@ -108,7 +111,9 @@ class StateSync:
             breaker.release(permit)  # the fleet moved on while we asked; frees the slot
             return False
         breaker.release(permit)
-        breaker.hold_probes(wait)
+        # Not the whole lease: a prober that gives its slot back early (its client left, its
+        # call was cancelled) frees it for the fleet at once, and we ask again soon.
+        breaker.hold_probes(min(wait, PROBE_RECHECK_SECONDS))
         return False
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -192,3 +192,43 @@ async def test_deleting_the_key_resets_the_breaker_fleet_wide(
         await wait_until(lambda m=m: m.get("discovery").state is CircuitState.CLOSED, timeout=2)
     assert await b.call("discovery", lambda: "ok") == "ok"
     assert redis_shared.client().get(key) is None  # nobody put the open state back
+
+
+async def probe_passes(manager: CircuitBreakerManager) -> bool:
+    try:
+        return await manager.call("discovery", lambda: "ok") == "ok"
+    except CircuitOpenError:
+        return False
+
+
+async def half_open_pair(start: Any, **policy: Any) -> list[CircuitBreakerManager]:
+    managers: list[CircuitBreakerManager] = await start(2, timeout_seconds=0.2, **policy)
+    await open_breaker(managers[0])
+    for m in managers:
+        await wait_until(lambda m=m: m.get("discovery").state is CircuitState.OPEN)
+        await wait_until(lambda m=m: m.get("discovery").retry_after() == 0, timeout=2)
+    return managers
+
+
+async def test_a_peer_learns_at_once_that_a_probe_slot_was_given_back(start: Any) -> None:
+    a, b = await half_open_pair(start, probe_lease_seconds=60)
+    breaker = a.get("discovery")
+    permit = breaker.acquire()
+    assert permit is not None
+    assert await a.lease_probe(breaker, permit)
+    assert not await probe_passes(b)  # A probes
+    breaker.release(permit)  # A's client left: no outcome, the slot is given back
+    await wait_until(lambda: probe_passes(b), timeout=3, interval=0.05)
+    assert b.get("discovery").state is CircuitState.CLOSED
+
+
+async def test_an_abandoned_probe_frees_the_fleets_slot_at_its_deadline(start: Any) -> None:
+    a, b = await half_open_pair(start, probe_lease_seconds=60, slow_call_seconds=0.5)
+    breaker = a.get("discovery")
+    permit = breaker.acquire()
+    assert permit is not None
+    assert await a.lease_probe(breaker, permit)
+    assert not await probe_passes(b)
+    # A hangs (or dies) and says nothing: past slow_call_seconds the slot is the fleet's again.
+    await wait_until(lambda: probe_passes(b), timeout=5, interval=0.05)
+    assert b.get("discovery").state is CircuitState.CLOSED
