@@ -35,8 +35,8 @@ except ImportError:  # pragma: no cover - older redis-py
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
 from gateway_breaker.breaker import BreakerSnapshot, Clock
-from gateway_breaker.config import RedisSettings, redact_url
-from gateway_breaker.errors import ConfigError, StoreError
+from gateway_breaker.config import RedisSettings, redact_url, url_secrets
+from gateway_breaker.errors import ConfigError, StoreError, redact_secrets
 from gateway_breaker.store.base import WriteResult
 from gateway_breaker.store.codec import MAX_STATE_BYTES, decode_state, encode_state
 
@@ -98,7 +98,7 @@ class RedisStateStore:
             async with asyncio.timeout(bound):
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
-            text = _safe(exc, self.settings.url)
+            text = _safe(exc, self.settings.url, self.settings.sentinel_password)
             raise StoreError(f"{what}: {type(exc).__name__}: {text}") from exc
 
     def key(self, service: str, kind: str = "state") -> str:
@@ -438,11 +438,9 @@ def _wrong_type(exc: StoreError) -> bool:
     return isinstance(exc.__cause__, ResponseError) and "WRONGTYPE" in str(exc.__cause__)
 
 
-def _safe(exc: BaseException, url: str | None) -> str:
-    """The error text with any password of the URL masked."""
+def _safe(exc: BaseException, url: str | None, *secrets: str | None) -> str:
+    """The error text with every secret of the URL (and `secrets`) masked."""
     text = str(exc)
-    if url:
-        password = urlsplit(url).password
-        if password:
-            text = text.replace(password, "***")
-    return text
+    for secret in url_secrets(url, *secrets):
+        text = text.replace(secret, "***")
+    return redact_secrets(text)
