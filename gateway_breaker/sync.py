@@ -312,7 +312,7 @@ class StateSync:
             if snapshot is None:
                 if breaker.state is CircuitState.CLOSED:
                     continue
-                if breaker.version and not after_outage and not self.store.unusable(name):
+                if breaker.version and not after_outage and self.store.absence_means_reset(name):
                     # Gone while we were connected: deleted (or expired). That resets it.
                     self._adopt(breaker, BreakerSnapshot(CircuitState.CLOSED))
                 else:

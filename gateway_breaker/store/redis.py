@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -76,6 +76,10 @@ class RedisStateStore:
         self._decoded: dict[str, tuple[bytes | str, BreakerSnapshot | None]] = {}
         self.offset = 0.0  # Redis clock minus ours, in seconds
         self._services: set[str] = set()  # services loaded or written: the ones we use
+        self._master: Any = None  # with Sentinel: the master's address we last wrote to
+        self._master_moved = False  # the events subscription must follow it
+        # Services whose absence on a new master says nothing (the failover may have lost them).
+        self._unsure: set[str] = set()
         self.dropped_events: dict[str, int] = {}  # announcements dropped, by kind
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
 
@@ -129,6 +133,7 @@ class RedisStateStore:
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
         client = self._redis()
         self._services.update(services)
+        await self._follow_master()
         keys = [self.key(s) for s in services]
         sent = self._clock()
         if isinstance(client, RedisCluster):
@@ -147,7 +152,9 @@ class RedisStateStore:
         for service, raw in zip(services, values, strict=True):
             if raw is None:
                 self._decoded.pop(service, None)
-            elif (snapshot := self._decode(service, raw)) is not None:
+                continue
+            self._unsure.discard(service)
+            if (snapshot := self._decode(service, raw)) is not None:
                 found[service] = snapshot
         return found
 
@@ -158,12 +165,14 @@ class RedisStateStore:
         # Below a millisecond the difference is measurement noise: keep times as they are.
         self.offset = offset if abs(offset) >= 0.001 else 0.0
 
-    def unusable(self, service: str) -> bool:
+    def absence_means_reset(self, service: str) -> bool:
         cached = self._decoded.get(service)
-        return cached is not None and cached[1] is None
+        unusable = cached is not None and cached[1] is None
+        return not unusable and service not in self._unsure
 
     async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
         self._redis()
+        await self._follow_master()  # a transition goes to the master the sentinels name now
         fleet = _shift(snapshot, self.offset)
         args: list[str | int] = [
             snapshot.version,
@@ -179,6 +188,7 @@ class RedisStateStore:
             reply = await self._run("EVALSHA", self._scripts["write"](keys=keys, args=args))
             accepted, raw = int(reply[0]), reply[1]
             stored = self._decode(service, raw)
+            self._unsure.discard(service)
             if accepted or stored is not None:
                 break
             # The script kept a value our codec rejects: name it, so that it is overwritten.
@@ -213,8 +223,14 @@ class RedisStateStore:
             await self._run("SUBSCRIBE", pubsub.subscribe(self.channel))
             yield None
             while True:
+                if self._master_moved:
+                    # Announcements now go through the new master: subscribe there, re-read.
+                    self._master_moved = False
+                    raise StoreError("pub/sub: the Redis master changed")
                 try:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self._listen_timeout
+                    )
                 except (RedisError, OSError) as exc:
                     raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
                 if message is None or message.get("type") != "message":
@@ -225,6 +241,42 @@ class RedisStateStore:
         finally:
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @property
+    def _listen_timeout(self) -> float:
+        # With Sentinel the listener looks up often enough to follow a new master at once.
+        return 0.25 if self.topology.kind == "sentinel" else 5.0
+
+    async def _follow_master(self) -> None:
+        """With Sentinel: ask which server is the master now, and move there if it changed.
+
+        A manual failover leaves the old master up (and writable) for a while; writes that
+        went there would be lost when it is demoted. One round trip to a sentinel, made only
+        by the background tasks; a sentinel that does not answer changes nothing.
+        """
+        client = self._client
+        if self.topology.kind != "sentinel" or not isinstance(client, Redis):
+            return
+        pool = client.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return
+        try:
+            async with asyncio.timeout(self.settings.socket_timeout_seconds):
+                # Also drops the idle pooled connections to the old master.
+                address = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.debug("Sentinel did not name the master: %s", type(exc).__name__)
+            return
+        if self._master is not None and address != self._master:
+            logger.warning(
+                "Redis master changed (service=%s, from=%s:%s, to=%s:%s); following it",
+                self.topology.service_name,
+                *self._master,
+                *address,
+            )
+            self._master_moved = True
+            self._unsure = set(self._services)
+        self._master = address
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -284,7 +336,9 @@ class RedisStateStore:
             or announced.version - stored.version > 2**52  # the version started again at 1
         ):
             return service, stored
-        self._drop("forged", "the announced state is not the stored one")
+        self._drop(
+            "forged", "the announced state is not the stored one (forged, or lost in a failover)"
+        )
         return None
 
     def _drop(self, kind: str, why: str) -> None:
