@@ -31,6 +31,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("restore.py", {"settings"}),
         ("peers.py", {"settings"}),
         ("fleet_propagation.py", {"settings", "propagation_ms"}),
+        ("hostile.py", {"settings", "planted", "flood"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:

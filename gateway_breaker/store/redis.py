@@ -50,6 +50,7 @@ def _script(name: str) -> str:
 
 # An announcement is a stored state plus a short envelope: anything longer is not one.
 MAX_EVENT_BYTES = MAX_STATE_BYTES + 512
+MAX_EVENT_BRACKETS = 64  # objects and arrays in one announcement (a real one has a few)
 WRITE_STATE_LUA = _script("write_state")
 ACQUIRE_PROBE_LUA = _script("acquire_probe")
 
@@ -238,6 +239,8 @@ class RedisStateStore:
                 event = self._decode_event(message["data"])
                 if event is not None and (event := await self._verify(*event)) is not None:
                     yield event
+                else:
+                    await asyncio.sleep(0)  # a flood of junk must not starve the requests
         finally:
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -294,8 +297,13 @@ class RedisStateStore:
         if not isinstance(data, bytes | str) or len(data) > MAX_EVENT_BYTES:
             self._drop("oversized", f"more than {MAX_EVENT_BYTES} bytes")
             return None
+        raw = data.encode() if isinstance(data, str) else data
+        if raw.count(b"{") + raw.count(b"[") > MAX_EVENT_BRACKETS:
+            # Deep nesting costs a recursive parser dearly: refused before parsing.
+            self._drop("malformed", "nested too deeply")
+            return None
         try:
-            doc = json.loads(data)
+            doc = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested
             self._drop("malformed", f"not JSON: {type(exc).__name__}")
             return None
