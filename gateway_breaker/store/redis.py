@@ -79,7 +79,7 @@ class RedisStateStore:
         self._services: set[str] = set()  # services loaded or written: the ones we use
         self._master: Any = None  # with Sentinel: the master's address we last wrote to
         self._master_moved = False  # the events subscription must follow it
-        # Services whose absence on a new master says nothing (the failover may have lost them).
+        # Services whose absence says nothing (a failover or a restart may have lost them).
         self._unsure: set[str] = set()
         self.dropped_events: dict[str, int] = {}  # announcements dropped, by kind
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
@@ -233,6 +233,8 @@ class RedisStateStore:
                         ignore_subscribe_messages=True, timeout=self._listen_timeout
                     )
                 except (RedisError, OSError) as exc:
+                    # Redis may have restarted empty: a value missing now is no deletion.
+                    self._unsure = set(self._services)
                     raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
                 if message is None or message.get("type") != "message":
                     continue
