@@ -144,8 +144,8 @@ async def test_a_seed_format_open_state_is_honoured_then_versioned(
 ) -> None:
     key = f"{key_prefix}:discovery:state"
     client = redis_shared.client()
-    (warm,) = await start(1, interval=0.05, timeout_seconds=1)
-    now = int(time.time())
+    (warm,) = await start(1, interval=0.05, timeout_seconds=3)
+    now = int(time.time())  # whole seconds, as the seed writes them: up to 1 s ago
     seed = {
         "state": "open",
         "failure_count": 15,
@@ -154,7 +154,7 @@ async def test_a_seed_format_open_state_is_honoured_then_versioned(
         "opened_at": now,
     }
     client.set(key, json.dumps(seed))
-    (fresh,) = await start(1, interval=0.05, timeout_seconds=1)
+    (fresh,) = await start(1, interval=0.05, timeout_seconds=3)
     assert fresh.get("discovery").state is CircuitState.OPEN
     with pytest.raises(CircuitOpenError):
         await fresh.call("discovery", lambda: "ok")
@@ -169,7 +169,7 @@ async def test_a_seed_format_open_state_is_honoured_then_versioned(
         except CircuitOpenError:
             return False
 
-    await wait_until(probe_passes, timeout=5, interval=0.05)
+    await wait_until(probe_passes, timeout=8, interval=0.05)
 
     def versioned_closed() -> bool:
         doc = json.loads(client.get(key) or b"null")
