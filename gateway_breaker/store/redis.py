@@ -324,7 +324,7 @@ class RedisStateStore:
         except (ValueError, RecursionError) as exc:
             self._drop("invalid_state", str(exc)[:120])
             return None
-        return service, _shift(snapshot, -self.offset)
+        return service, snapshot  # on Redis's clock: shifted once verified
 
     async def _verify(
         self, service: str, announced: BreakerSnapshot
@@ -340,6 +340,8 @@ class RedisStateStore:
             return None  # nothing new (the sync ignores older versions anyway)
         raw = await self._run("GET", self._redis().get(self.key(service)))
         stored = None if raw is None else self._decode(service, raw)
+        # Both on our clock with the same offset (a re-read may have moved it meanwhile).
+        announced = _shift(announced, -self.offset)
         if stored is not None and (
             stored == announced
             or stored.version > announced.version

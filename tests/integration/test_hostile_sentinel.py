@@ -50,7 +50,16 @@ async def test_a_manual_failover_moves_transitions_to_the_new_master_at_once(
 
     sentinel = redis.Redis(port=redis_sentinel.sentinel.port)
     old = tuple(sentinel.sentinel_get_master_addr_by_name(redis_sentinel.service))
-    sentinel.execute_command("SENTINEL", "FAILOVER", redis_sentinel.service)
+
+    def failover_started() -> bool:
+        # Refused (NOGOODSLAVE) until the sentinel has found the replica, which takes a while.
+        try:
+            sentinel.execute_command("SENTINEL", "FAILOVER", redis_sentinel.service)
+        except redis.ResponseError:
+            return False
+        return True
+
+    wait_until_sync(failover_started, timeout=30, interval=0.2, message="a failover started")
 
     def switched() -> bool:
         return tuple(sentinel.sentinel_get_master_addr_by_name(redis_sentinel.service)) != old
