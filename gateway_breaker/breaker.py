@@ -121,6 +121,7 @@ class CircuitBreaker:
         "_gated",
         "_in_flight",
         "_probe_hold_until",
+        "_probes",
         "_ramp_from",
         "_ramp_until",
         "_random",
@@ -188,6 +189,7 @@ class CircuitBreaker:
         self.generation = 0
         self.version = 0  # version of the stored state this breaker last agreed with
         self._in_flight = 0  # probes out while half-open
+        self._probes: dict[Permit, None] = {}  # those probes, oldest first
         self._window = RollingWindow(policy.window_seconds)
         self._slow = policy.slow_call_seconds
         self.failure_codes = policy.failure_status_codes  # HTTP statuses that are failures
@@ -253,10 +255,16 @@ class CircuitBreaker:
             if now < self.open_until:
                 return None
             self._transition(_HALF_OPEN, now, "timeout_elapsed")
-        if self._in_flight >= self.policy.half_open_max_calls or now < self._probe_hold_until:
+        if self._in_flight >= self.policy.half_open_max_calls and (
+            not self._expire_probe(now) or self.state is not _HALF_OPEN
+        ):
+            return None
+        if now < self._probe_hold_until:
             return None
         self._in_flight += 1
-        return Permit(self.generation, True, now)
+        permit = Permit(self.generation, True, now)
+        self._probes[permit] = None
+        return permit
 
     def record(self, permit: Permit, failed: bool) -> None:
         """Report the outcome of a permitted call. Stale permits change nothing."""
@@ -272,6 +280,7 @@ class CircuitBreaker:
         slow_call = slow is not None and not failed and now - permit.started > slow
         if permit.probe:
             self._in_flight -= 1
+            self._probes.pop(permit, None)
             self._probe_done(permit)
         if slow_call:
             self.calls_slow += 1
@@ -299,6 +308,7 @@ class CircuitBreaker:
         self.calls_ignored += 1
         if permit.probe and permit.generation == self.generation:
             self._in_flight -= 1
+            self._probes.pop(permit, None)
         self._probe_done(permit)
 
     def refuse(self, permit: Permit) -> None:
@@ -308,6 +318,27 @@ class CircuitBreaker:
         self.release(permit)
         self.calls_ignored -= 1
         self.calls_rejected += 1
+
+    def probe_deadline(self) -> float:
+        """Longest a probe may take: `slow_call_seconds` (a slower probe has failed), else
+        `probe_lease_seconds`. Past it, the probe's slot is free again."""
+        slow = self._slow
+        return self.policy.probe_lease_seconds if slow is None else slow
+
+    def _expire_probe(self, now: float) -> bool:
+        """Free the slot of the oldest probe if it ran past its deadline; whether one was."""
+        oldest = next(iter(self._probes), None)
+        if oldest is None or now - oldest.started <= self.probe_deadline():
+            return False
+        del self._probes[oldest]
+        self._in_flight -= 1
+        oldest.generation = -1  # its outcome, if it ever comes, counts for nothing
+        self._probe_done(oldest)  # and the fleet's slot is given back
+        oldest.lease = None
+        if self._slow is not None:
+            self.calls_slow += 1
+            self._on_failure(now, "slow_calls")  # slower than slow_call_seconds: it failed
+        return True
 
     def hold_probes(self, seconds: float) -> None:
         """Let no probe through for `seconds`: another instance holds the probe slots."""
@@ -462,6 +493,7 @@ class CircuitBreaker:
         self.state = state
         self.generation += 1
         self._in_flight = 0
+        self._probes.clear()
         self._probe_hold_until = 0.0
         if previous is CircuitState.HALF_OPEN:
             self.probed_period = self.opened_at
@@ -568,6 +600,7 @@ class CircuitBreaker:
     def _forget_in_flight(self) -> None:
         self.generation += 1
         self._in_flight = 0
+        self._probes.clear()
         self._probe_hold_until = 0.0
 
     def _next_open_seconds(self, previous: CircuitState) -> float:
@@ -613,10 +646,16 @@ class CircuitBreaker:
         self.last_failure_time = snapshot.last_failure_time
         self.opened_at = snapshot.opened_at
         self.version = snapshot.version
-        self.open_seconds = snapshot.open_seconds or self.policy.timeout_seconds
+        # Clamped to the policy: no stored value holds the breaker open longer than it allows.
+        policy = self.policy
+        longest = max(policy.timeout_seconds, policy.max_timeout_seconds or 0.0)
+        self.open_seconds = min(
+            max(snapshot.open_seconds or policy.timeout_seconds, policy.timeout_seconds), longest
+        )
         if snapshot.state is CircuitState.OPEN:
-            start = snapshot.opened_at if snapshot.opened_at is not None else self.clock()
-            self.open_until = start + self.open_seconds
+            now = self.clock()
+            start = snapshot.opened_at if snapshot.opened_at is not None else now
+            self.open_until = min(start, now) + self.open_seconds
         self._gated = self.manual is not None or bool(self._ramp_until)
         if changed:
             self.local = False  # the fleet's state replaces one of ours alone

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -25,9 +27,11 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 
-from gateway_breaker.errors import ConfigError, redact_secrets
+from gateway_breaker.errors import SECRET_QUERY, ConfigError, redact_secrets
 from gateway_breaker.policy import Policy, ServicePolicy
 
 CONFIG_PATH_ENV = "GATEWAY_BREAKER_CONFIG"
@@ -53,19 +57,86 @@ def check_service_name(name: str) -> str:
     return name
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/*")
+# Query options redis-py reads from a URL (beyond its typed ones), all passed to connections.
+_STRING_OPTIONS = frozenset(
+    {
+        "username",
+        "password",
+        "client_name",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "ssl_ciphers",
+    }
+)
+_POSITIVE_OPTIONS = ("socket_timeout", "socket_connect_timeout", "timeout")
+# Typed options that make no sense here (a list parsed from a string, client-side decoding).
+_REFUSED_OPTIONS = frozenset({"retry_on_error", "decode_responses", "encoding"})
+
+
 def redact_url(url: str) -> str:
     """The URL with its credentials masked, safe to log: `redis://user:***@host:6379/0`.
 
-    Everything up to the last '@' is credentials, even when a password holds an unencoded
-    '/' or '@' that would confuse a URL parser.
+    Everything between the scheme and the last '@' is credentials, even when a password holds
+    an unencoded '/' or '@' that would confuse a URL parser, or the scheme is spelled
+    `unix:/`; secret query options (`?password=...`) are masked too.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, hosts = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:***" if colon else "***"
-    return f"{scheme}://{shown}@{hosts}"
+    match = _SCHEME.match(url)
+    head = match.group(0) if match else ""
+    rest = url[len(head) :]
+    if "@" in rest:
+        userinfo, _, hosts = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        shown = f"{user}:***" if colon and "?" not in user else "***"
+        rest = f"{shown}@{hosts}"
+    return SECRET_QUERY.sub(r"\1***", head + rest)
+
+
+def url_secrets(url: str | None, *more: str | None) -> list[str]:
+    """Every secret a URL (and `more`) carries, as written and percent-decoded, longest first."""
+    found: set[str] = {m for m in more if m}
+    if url:
+        match = _SCHEME.match(url)
+        userinfo = url[match.end() if match else 0 :].rpartition("@")[0]
+        password = userinfo.partition(":")[2] if ":" in userinfo else userinfo
+        found.update({password, unquote(password)})
+        for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+            if SECRET_QUERY.match(f"?{name}="):
+                found.update({value, quote(value, safe="")})
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def _check_query(scheme: str, url: str) -> None:
+    """URL query options are settings too: checked now, named in the error, never echoed."""
+    query = urlsplit(url).query
+    if not query:
+        return
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"query options are not read from {scheme}:// URLs; use the redis.* settings"
+        )
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if name in _REFUSED_OPTIONS or (
+            name not in URL_QUERY_ARGUMENT_PARSERS and name not in _STRING_OPTIONS
+        ):
+            raise ValueError(f"unknown or unsupported URL query option {name[:40]!r}")
+    try:
+        options = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        # redis-py's message names the option ("Invalid value for 'socket_timeout' ...").
+        raise ValueError(redact_secrets(str(exc))) from None
+    for name in _POSITIVE_OPTIONS:
+        value = options.get(name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"URL query option {name!r} must be a positive number of seconds")
+    for name in ("db", "max_connections", "health_check_interval", "socket_read_size"):
+        value = options.get(name)
+        if value is not None and value < (1 if name == "max_connections" else 0):
+            raise ValueError(f"URL query option {name!r} is out of range")
 
 
 class RedisSettings(BaseModel):
@@ -118,6 +189,7 @@ class RedisSettings(BaseModel):
                 raise ValueError(
                     "malformed Redis URL: expected scheme://[user:pass@]host:port"
                 ) from None
+        _check_query(parts.scheme, value.strip())
         return value.strip()
 
     @field_validator("key_prefix")
@@ -292,16 +364,23 @@ class Config(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [
-            init_settings,
-            _EnvAliasSource(settings_cls),
-            env_settings,
-        ]
         path = _yaml_path.get()
         if path is None and (named := os.environ.get(CONFIG_PATH_ENV)):
             path = _existing_file(Path(named))
-        if path is not None:
-            sources.append(_yaml_source(settings_cls, path))
+        yaml_source = None if path is None else _yaml_source(settings_cls, path)
+        # Service names as the file and the keywords spell them: the environment is read
+        # case-insensitively and must override those services, not add look-alikes.
+        names: list[str] = []
+        for source in (init_settings, yaml_source):
+            if isinstance(source, InitSettingsSource):
+                names += _service_names(source.init_kwargs)
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            _EnvAliasSource(settings_cls),
+            _EnvSource(settings_cls, env_settings, names),
+        ]
+        if yaml_source is not None:
+            sources.append(yaml_source)
         return tuple(sources)
 
     def policy(self, service: str) -> Policy:
@@ -316,7 +395,7 @@ def _existing_file(path: Path) -> Path:
 
 def _yaml_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config file {path}: {redact_secrets(str(exc))}") from None
     if data is None:
@@ -341,3 +420,146 @@ def _check_keys(data: Any, path: Path, where: str) -> None:
     elif isinstance(data, list):
         for i, item in enumerate(data):
             _check_keys(item, path, f"{where}.{i}")
+
+
+class _EnvSource(PydanticBaseSettingsSource):
+    """The environment (nested `__` names), with two defences.
+
+    A service the file or the keywords name is overridden under that spelling
+    (`..._SERVICES__DISCOVERY__...` sets `Discovery`, it does not add `discovery`); a variable
+    holding malformed JSON is a ConfigError that names it.
+    """
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource, names: list[str]
+    ) -> None:
+        super().__init__(settings_cls)
+        self._env = env
+        by_lower: dict[str, list[str]] = {}
+        for name in names:
+            by_lower.setdefault(name.lower(), []).append(name)
+        self._spelling = {k: v[0] for k, v in by_lower.items() if len(set(v)) == 1}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            data = self._env()
+        except SettingsError as exc:
+            raise ConfigError(_bad_env_message(exc)) from None
+        section = data.get("circuit_breaker")
+        services = section.get("services") if isinstance(section, dict) else None
+        if isinstance(services, dict) and self._spelling:
+            renamed: dict[Any, Any] = {}
+            for key, value in services.items():
+                name = self._spelling.get(key.lower(), key) if isinstance(key, str) else key
+                if isinstance(renamed.get(name), dict) and isinstance(value, dict):
+                    value = {**renamed[name], **value}
+                renamed[name] = value
+            assert isinstance(section, dict)
+            data = {**data, "circuit_breaker": {**section, "services": renamed}}
+        return data
+
+
+def _service_names(values: Mapping[str, Any]) -> list[str]:
+    section = values.get("circuit_breaker")
+    if isinstance(section, BaseModel):
+        section = section.model_dump(exclude_unset=True)
+    services = section.get("services") if isinstance(section, Mapping) else None
+    return [k for k in services if isinstance(k, str)] if isinstance(services, Mapping) else []
+
+
+def _bad_env_message(exc: SettingsError) -> str:
+    """Name the variable whose value pydantic-settings could not parse (never echo it)."""
+    field = re.search(r'field "([^"]+)"', str(exc))
+    prefix = field.group(1).lower() if field else ""
+    suspects: list[tuple[str, str]] = []
+    for name, value in os.environ.items():
+        lower = name.lower()
+        if not prefix or not (lower == prefix or lower.startswith(prefix + "__")):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as bad:
+            if value.lstrip()[:1] in ("{", "["):
+                suspects.insert(0, (name, str(bad)))
+            else:
+                suspects.append((name, str(bad)))
+    if not suspects:
+        return (
+            f"invalid configuration: an environment variable for {prefix or 'a field'}"
+            " holds a value that cannot be parsed"
+        )
+    name, why = suspects[0]
+    return f"invalid configuration: environment variable {name}: not valid JSON ({why})"
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few KB; anything over 1 MiB is refused before it is read."""
+MAX_YAML_NODES = 100_000
+"""Values in a config file once its aliases are expanded: far above any real file, far below
+what an alias bomb (a few lines that expand to billions of values) needs."""
+
+
+def _load_yaml(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed"
+        )
+    with path.open("rb") as f:
+        text = f.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:  # grew since the stat
+        raise ConfigError(f"config file {path} is more than the {MAX_CONFIG_BYTES} bytes allowed")
+    loader = yaml.SafeLoader(text.decode("utf-8"))
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply") from None
+        if node is None:
+            return None
+        _check_expansion(node, path)
+        try:
+            return loader.construct_document(node)
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, path: Path) -> None:
+    """Refuse a file whose aliases expand to more than MAX_YAML_NODES values, or loop."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if finished:
+            open_nodes.discard(key)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"config file {path} expands to more than {MAX_YAML_NODES} values"
+                    " (YAML aliases): refused"
+                )
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise ConfigError(f"config file {path} has a YAML alias that refers to itself")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []

@@ -13,11 +13,15 @@ if TYPE_CHECKING:
 _SECRET_FIELDS = ("url", "password", "sentinel_password", "token")
 # Anything shaped like credentials before an '@' (user:password@), in a URL or a broken one.
 _CREDENTIALS = re.compile(r"[^\s@'\"]*:[^\s@'\"]*@")
+# A URL query option that carries a secret (`?password=...`, `&sentinel_password=...`).
+SECRET_QUERY = re.compile(
+    r"(?i)((?:^|[?&;\s'\"])[^=&#\s'\"]*(?:pass|token|secret|auth)[^=&#\s'\"]*=)[^&#\s'\"]*"
+)
 
 
 def redact_secrets(text: str) -> str:
     """`text` with the credentials of any URL in it replaced by '***'."""
-    return _CREDENTIALS.sub("***@", text)
+    return SECRET_QUERY.sub(r"\1***", _CREDENTIALS.sub("***@", text))
 
 
 class GatewayBreakerError(Exception):

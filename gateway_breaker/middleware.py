@@ -79,16 +79,25 @@ class CircuitBreakerMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        if self._admin is not None and scope["path"].startswith(self._admin_path):
-            path = scope["path"]  # segment boundary: /_breakers and /_breakers/..., not /_breakersx
-            if len(path) == len(self._admin_path) or path[len(self._admin_path)] == "/":
-                if self._start_pending:  # no lifespan ran: start before showing the breakers
-                    self._begin_start()
-                    assert self._started is not None
-                    await asyncio.shield(self._started)
-                await self._admin(scope, receive, send)
-                return
-        service = self.routes.match(scope["path"])
+        path = scope["path"]
+        root = scope.get("root_path")
+        if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+            # Mounted (or served with --root-path): the prefixes are below the app's root.
+            path = path[len(root) :] or "/"
+        admin = self._admin_path
+        # Segment boundary: /_breakers and /_breakers/..., not /_breakersx.
+        if (
+            self._admin is not None
+            and path.startswith(admin)
+            and (len(path) == len(admin) or path[len(admin)] == "/")
+        ):
+            if self._start_pending:  # no lifespan ran: start before showing the breakers
+                self._begin_start()
+                assert self._started is not None
+                await asyncio.shield(self._started)
+            await self._admin(scope, receive, send)
+            return
+        service = self.routes.match(path)
         if service is None:
             await self.app(scope, receive, send)
             return
@@ -106,14 +115,27 @@ class CircuitBreakerMiddleware:
         disconnected = False
         failure_codes = breaker.failure_codes
 
+        async def receive_watching() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True  # whatever the app answers now, nobody asked for it
+            return message
+
         async def send_watching(message: Message) -> None:
             nonlocal status, complete, disconnected
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            elif (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ) or kind == "http.response.pathsend":
                 complete = True
                 # Before the client has the whole response: its next request sees the outcome.
-                breaker.record(permit, status in failure_codes)
+                if disconnected:
+                    breaker.release(permit)  # e.g. a proxy's 499 for a client that left
+                else:
+                    breaker.record(permit, status in failure_codes)
             try:
                 await send(message)
             except OSError:
@@ -121,7 +143,7 @@ class CircuitBreakerMiddleware:
                 raise
 
         try:
-            await self.app(scope, receive, send_watching)
+            await self.app(scope, receive_watching, send_watching)
         except BaseException as exc:
             # A failure, unless the client left (Starlette raises ClientDisconnect when it reads
             # a body from a gone client) or the task was cancelled: then the permit goes back.

@@ -78,8 +78,9 @@ class Policy(BaseModel):
     half_open_max_calls: int = Field(1, ge=1, le=10_000)
     """Probes allowed at once while half-open."""
     probe_lease_seconds: PositiveSeconds = 10.0
-    """With Redis: longest time a fleet-wide probe slot is held; a prober that dies frees it
-    after this."""
+    """Longest time a probe holds its half-open slot (in memory and, with Redis, fleet-wide): a
+    probe that hangs, or a prober that dies, frees it after this. With slow_call_seconds set,
+    that is the deadline instead (a slower probe has failed, and the breaker reopens)."""
     success_threshold: int = Field(1, ge=1, le=10_000)
     """Successful probes that close the breaker."""
     slow_call_seconds: PositiveSeconds | None = None

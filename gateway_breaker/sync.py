@@ -38,6 +38,8 @@ PROBE_LEASE_TIMEOUT_SECONDS = 0.25
 COMMAND_TIMEOUT_SECONDS = 2.0
 # Transitions kept for the history while they wait for their write (Redis down, say).
 PENDING_HISTORY = 50
+# While another instance holds the probe slots, ask again after at most this long.
+PROBE_RECHECK_SECONDS = 0.25
 
 
 class StateSync:
@@ -87,6 +89,7 @@ class StateSync:
         self._sent: dict[str, tuple[int, int, int, int]] = {}  # with the breaker's generation
         self._urgent = False
         self._urgent_next = 0.0
+        self._resubscribed = False  # the next re-read follows a lost subscription
 
     # -- called from the request path: no I/O, O(1) ----------------------------------------
 
@@ -220,7 +223,8 @@ class StateSync:
                 breaker.name,
                 token,
                 policy.half_open_max_calls,
-                policy.probe_lease_seconds,
+                # A probe past its deadline has no claim on the slot: abandoned, it frees then.
+                min(policy.probe_lease_seconds, breaker.probe_deadline()),
                 PROBE_LEASE_TIMEOUT_SECONDS,
             )
         except StoreError as exc:
@@ -234,7 +238,9 @@ class StateSync:
             breaker.refuse(permit)  # the fleet moved on while we asked; frees the slot
             return False
         breaker.refuse(permit)
-        breaker.hold_probes(wait)
+        # Not the whole lease: a prober that gives its slot back early (its client left, its
+        # call was cancelled) frees it for the fleet at once, and we ask again soon.
+        breaker.hold_probes(min(wait, PROBE_RECHECK_SECONDS))
         return False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -327,7 +333,8 @@ class StateSync:
             try:
                 if self._to_load:
                     names, self._to_load = list(self._to_load), set()
-                    await self._reconcile(names)
+                    after_outage, self._resubscribed = self._resubscribed, False
+                    await self._reconcile(names, after_outage=after_outage)
                 if self._dirty:
                     await self._flush()
                 if self._evidence:
@@ -357,6 +364,7 @@ class StateSync:
     async def _listen(self) -> None:
         """Apply other instances' transitions as they are announced (milliseconds)."""
         backoff = 0.05
+        subscribed = False
         while not self._closing:
             if not self.connected:
                 await self._sleep(0.05)
@@ -366,6 +374,8 @@ class StateSync:
                     if event is None:
                         # (Re)subscribed: what was announced while cut off is lost; re-read.
                         backoff = 0.05
+                        self._resubscribed = subscribed  # cut off: Redis may have lost keys
+                        subscribed = True
                         self._to_load.update(self._manager.breakers())
                         self._policies_to_load.update(self._manager.breakers())
                         self._wake.set()
@@ -377,12 +387,15 @@ class StateSync:
                         self._apply(event[0], event[1])
             except StoreError as exc:
                 logger.debug("Circuit breaker event subscription lost: %s", exc)
+            except Exception:
+                # A last resort: whatever broke, the listener lives on and subscribes again.
+                logger.exception("Circuit breaker event listener failed; restarting it")
             await self._sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     def _apply(self, service: str, snapshot: BreakerSnapshot) -> None:
         breaker = self._manager.find(service)
-        if breaker is None or snapshot.version <= breaker.version:
+        if breaker is None or not _newer(snapshot.version, breaker.version):
             return  # not ours to care about, or older than what we know
         if self._unsent(service) and _knows_more(breaker, snapshot):
             breaker.version = snapshot.version
@@ -408,7 +421,7 @@ class StateSync:
             self.connected = True
             # Whatever happened meanwhile: adopt what others stored, write what we changed.
             await self._load_policies(list(self._manager.breakers()))
-            await self._reconcile(list(self._manager.breakers()))
+            await self._reconcile(list(self._manager.breakers()), after_outage=True)
         except StoreError as exc:
             self.connected = False
             logger.debug("Redis still unreachable for circuit breaker state: %s", exc)
@@ -572,7 +585,7 @@ class StateSync:
 
     # -- agreement with the store ----------------------------------------------------------
 
-    async def _reconcile(self, services: Iterable[str]) -> None:
+    async def _reconcile(self, services: Iterable[str], *, after_outage: bool = False) -> None:
         breakers = self._manager.breakers()
         names = [s for s in services if s in breakers]
         stored = await self.store.load(names)
@@ -582,9 +595,17 @@ class StateSync:
             breaker = breakers[name]
             snapshot = stored.get(name)
             if snapshot is None:
-                if breaker.state is not CircuitState.CLOSED and not breaker.local:
-                    self.mark_dirty(name)  # the key expired or Redis lost it: put ours back
-            elif snapshot.version != breaker.version:
+                if breaker.state is CircuitState.CLOSED or breaker.local:
+                    continue
+                if breaker.version and not after_outage and self.store.absence_means_reset(name):
+                    # Gone while we were connected: deleted (or expired). That resets it.
+                    self._adopt(breaker, BreakerSnapshot(CircuitState.CLOSED))
+                else:
+                    self.mark_dirty(name)  # never stored, lost, or unusable: put ours back
+            elif snapshot.version != breaker.version or (
+                # The seed's own format has no version: honour what it says.
+                snapshot.version == 0 and snapshot.state is not breaker.state
+            ):
                 self._adopt(breaker, snapshot)
         if self._dirty:
             await self._flush()
@@ -651,6 +672,11 @@ class StateSync:
 
 def _effective(snapshot: BreakerSnapshot) -> str:
     return snapshot.state.value if snapshot.manual is None else snapshot.manual.mode
+
+
+def _newer(version: int, known: int) -> bool:
+    """Whether `version` follows `known`; the store's script starts again at 1 after 2**53 - 1."""
+    return version > known or known - version > 2**52
 
 
 def _knows_more(breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> bool:

@@ -33,6 +33,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("fleet_propagation.py", {"settings", "propagation_ms"}),
         ("metrics_cost.py", {"settings", "request_path", "scrape", "history"}),
         ("fleet_evidence.py", {"settings", "failed_calls", "redis_steady"}),
+        ("hostile.py", {"settings", "planted", "flood"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:

@@ -4,6 +4,9 @@
 -- ARGV[2]  slots (half_open_max_calls)
 -- ARGV[3]  lease length in ms: a prober that dies frees its slot when this runs out
 -- Returns 0 when a slot was taken, else the ms until the first lease expires.
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
+  redis.call('DEL', KEYS[1])  -- absent, or a foreign value (WRONGTYPE): start afresh
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)

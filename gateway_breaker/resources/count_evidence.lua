@@ -29,7 +29,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expected = tonumber(ARGV[10])
 
-local current = redis.call('GET', KEYS[1])
+-- A key of another type (WRONGTYPE) holds nothing usable, as in write_state.lua.
+local got = redis.pcall('GET', KEYS[1])
+local current = nil
+if type(got) == 'string' then
+  current = got
+end
 local stored = nil
 if current then
   local ok, doc = pcall(cjson.decode, current)
@@ -49,7 +54,12 @@ local me = ARGV[1]
 local run, calls, failures = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local window = tonumber(ARGV[5])
 local period = string.format('%d', stored or 0)
-if redis.call('HGET', KEYS[4], '_v') ~= period then
+local seen = redis.pcall('HGET', KEYS[4], '_v')
+if type(seen) == 'table' and seen.err then
+  redis.call('DEL', KEYS[4])  -- not a hash of ours: replace it
+  seen = false
+end
+if seen ~= period then
   redis.call('DEL', KEYS[4])  -- counts of an earlier closed period: they decided already
 end
 if run > 0 or failures > 0 then
@@ -103,6 +113,9 @@ end
 -- version bump over the stored one, SET with TTL, DEL of the probe lease, XADD to the
 -- history, PUBLISH of the stored state.
 local version = math.max(expected, stored or 0) + 1
+if version >= 9007199254740992 then
+  version = 1  -- 2^53, as in write_state.lua
+end
 local seconds = math.floor(now / 1000)
 local encoded = '{"state":"open","failure_count":' .. string.format('%d', fleet_run)
   .. ',"success_count":0,"last_failure_time":' .. string.format('%d', seconds)
@@ -115,11 +128,18 @@ local failure_rate = ''
 if fleet_calls > 0 then
   failure_rate = string.format('%.4f', fleet_failures / fleet_calls)
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[15]), '*',
-  'at', string.format('%d', now), 'from', 'closed', 'to', 'open', 'cause', cause,
-  'origin', 'local', 'instance', me, 'version', string.format('%d', version),
-  'failure_count', string.format('%d', fleet_run), 'failure_rate', failure_rate, 'reason', '')
-redis.call('EXPIRE', KEYS[3], 604800)  -- a week after the last transition
+local function append()
+  return redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[15]), '*',
+    'at', string.format('%d', now), 'from', 'closed', 'to', 'open', 'cause', cause,
+    'origin', 'local', 'instance', me, 'version', string.format('%d', version),
+    'failure_count', string.format('%d', fleet_run), 'failure_rate', failure_rate, 'reason', '')
+end
+local added = append()
+if type(added) == 'table' and added.err then
+  redis.call('DEL', KEYS[3])  -- not a stream of ours: replace it (the state is written)
+  append()
+end
+redis.pcall('EXPIRE', KEYS[3], 604800)  -- a week after the last transition
 redis.call('DEL', KEYS[4])  -- the fleet's evidence starts over with the next closed period
 redis.call('PUBLISH', ARGV[12],
   '{"origin":"' .. ARGV[14] .. '","service":"' .. ARGV[13] .. '","state":' .. encoded .. '}')

@@ -76,6 +76,11 @@ class StateStore(Protocol):
         """Stored states of `services` in one round trip; absent or unusable ones are left out."""
         ...
 
+    def absence_means_reset(self, service: str) -> bool:
+        """Whether `service`'s value missing from the last read means someone deleted it
+        (not: an unusable value was left out, or a new master after a failover lacks it)."""
+        ...
+
     async def write(
         self, service: str, snapshot: BreakerSnapshot, history: Sequence[TransitionEvent] = ()
     ) -> WriteResult:

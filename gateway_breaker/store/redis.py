@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -22,11 +23,11 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 try:  # redis-py >= 7
     from redis.maint_notifications import MaintNotificationsConfig
@@ -34,10 +35,15 @@ except ImportError:  # pragma: no cover - older redis-py
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
 from gateway_breaker.breaker import BreakerSnapshot, Clock
-from gateway_breaker.config import RedisSettings, redact_url
-from gateway_breaker.errors import ConfigError, StoreError
+from gateway_breaker.config import RedisSettings, redact_url, url_secrets
+from gateway_breaker.errors import ConfigError, StoreError, redact_secrets
 from gateway_breaker.store.base import Evidence, EvidenceResult, WriteResult
-from gateway_breaker.store.codec import MAX_REASON_CHARS, decode_state, encode_state
+from gateway_breaker.store.codec import (
+    MAX_REASON_CHARS,
+    MAX_STATE_BYTES,
+    decode_state,
+    encode_state,
+)
 from gateway_breaker.views import InstanceView, TransitionEvent
 
 logger = logging.getLogger("gateway_breaker")
@@ -52,6 +58,9 @@ def _script(name: str) -> str:
     return files("gateway_breaker").joinpath(f"resources/{name}.lua").read_text()
 
 
+# An announcement is a stored state plus a short envelope: anything longer is not one.
+MAX_EVENT_BYTES = MAX_STATE_BYTES + 512
+MAX_EVENT_BRACKETS = 64  # objects and arrays in one announcement (a real one has a few)
 WRITE_STATE_LUA = _script("write_state")
 ACQUIRE_PROBE_LUA = _script("acquire_probe")
 COUNT_EVIDENCE_LUA = _script("count_evidence")
@@ -79,6 +88,12 @@ class RedisStateStore:
         # unusable value is logged once.
         self._decoded: dict[str, tuple[bytes | str, BreakerSnapshot | None]] = {}
         self.offset = 0.0  # Redis clock minus ours, in seconds
+        self._services: set[str] = set()  # services loaded or written: the ones we use
+        self._master: Any = None  # with Sentinel: the master's address we last wrote to
+        self._master_moved = False  # the events subscription must follow it
+        # Services whose absence says nothing (a failover or a restart may have lost them).
+        self._unsure: set[str] = set()
+        self.dropped_events: dict[str, int] = {}  # announcements dropped, by kind
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
 
     def describe(self) -> str:
@@ -103,7 +118,7 @@ class RedisStateStore:
             async with asyncio.timeout(bound):
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
-            text = _safe(exc, self.settings.url)
+            text = _safe(exc, self.settings.url, self.settings.sentinel_password)
             raise StoreError(
                 f"{what}: {type(exc).__name__}: {text}", operation or what.lower()
             ) from exc
@@ -136,6 +151,8 @@ class RedisStateStore:
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
         client = self._redis()
+        self._services.update(services)
+        await self._follow_master()
         keys = [self.key(s) for s in services]
         sent = self._clock()
         if isinstance(client, RedisCluster):
@@ -152,7 +169,11 @@ class RedisStateStore:
         self._observe_clock(sent, now)
         found: dict[str, BreakerSnapshot] = {}
         for service, raw in zip(services, values, strict=True):
-            if raw is not None and (snapshot := self._decode(service, raw)) is not None:
+            if raw is None:
+                self._decoded.pop(service, None)
+                continue
+            self._unsure.discard(service)
+            if (snapshot := self._decode(service, raw)) is not None:
                 found[service] = snapshot
         return found
 
@@ -163,10 +184,16 @@ class RedisStateStore:
         # Below a millisecond the difference is measurement noise: keep times as they are.
         self.offset = offset if abs(offset) >= 0.001 else 0.0
 
+    def absence_means_reset(self, service: str) -> bool:
+        cached = self._decoded.get(service)
+        unusable = cached is not None and cached[1] is None
+        return not unusable and service not in self._unsure
+
     async def write(
         self, service: str, snapshot: BreakerSnapshot, history: Sequence[TransitionEvent] = ()
     ) -> WriteResult:
         self._redis()
+        await self._follow_master()  # a transition goes to the master the sentinels name now
         fleet = _shift(snapshot, self.offset)
         args: list[str | int | float] = [
             snapshot.version,
@@ -176,6 +203,7 @@ class RedisStateStore:
             service,
             snapshot.state.value,
             self.instance,
+            "",  # the SHA1 of a stored value our codec rejects, once one is seen (below)
             HISTORY_MAX_LEN,
             len(history),
         ]
@@ -193,10 +221,18 @@ class RedisStateStore:
                 (event.reason or "")[:MAX_REASON_CHARS],
             ]
         keys = [self.key(service), self.key(service, "probe"), self.key(service, "history")]
-        call = self._scripts["write"](keys=keys, args=args)
-        reply = await self._run("EVALSHA", call, operation="write")
-        accepted, raw = int(reply[0]), reply[1]
-        return WriteResult(accepted=bool(accepted), stored=self._decode(service, raw))
+        for _ in range(3):
+            call = self._scripts["write"](keys=keys, args=args)
+            reply = await self._run("EVALSHA", call, operation="write")
+            accepted, raw = int(reply[0]), reply[1]
+            stored = self._decode(service, raw)
+            self._unsure.discard(service)
+            if accepted or stored is not None:
+                break
+            # The script kept a value our codec rejects: name it, so that it is overwritten.
+            raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
+            args[7] = hashlib.sha1(raw_bytes, usedforsecurity=False).hexdigest()
+        return WriteResult(accepted=bool(accepted), stored=stored)
 
     async def acquire_probe(
         self, service: str, token: str, slots: int, lease_seconds: float, limit: float
@@ -209,7 +245,13 @@ class RedisStateStore:
         return int(wait_ms) / 1000
 
     async def release_probe(self, service: str, token: str) -> None:
-        await self._run("ZREM", self._redis().zrem(self.key(service, "probe"), token))
+        try:
+            await self._run("ZREM", self._redis().zrem(self.key(service, "probe"), token))
+        except StoreError as exc:
+            if not _wrong_type(exc):
+                raise
+            # A foreign value replaced the slots: nothing of ours to give back; the next
+            # acquire replaces it. One service's key, not an outage.
 
     async def report_evidence(self, service: str, evidence: Evidence) -> EvidenceResult:
         """One script call: this instance's counts in, the fleet's decision out."""
@@ -355,18 +397,73 @@ class RedisStateStore:
             await self._run("SUBSCRIBE", pubsub.subscribe(self.channel))
             yield None
             while True:
+                if self._master_moved:
+                    # Announcements now go through the new master: subscribe there, re-read.
+                    self._master_moved = False
+                    raise StoreError("pub/sub: the Redis master changed")
                 try:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self._listen_timeout
+                    )
                 except (RedisError, OSError) as exc:
+                    # Redis may have restarted empty: a value missing now is no deletion.
+                    self._unsure = set(self._services)
                     raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # redis-py's read can swallow a cancellation: honour it here.
+                    raise asyncio.CancelledError
                 if message is None or message.get("type") != "message":
                     continue
                 event = self._decode_event(message["data"])
-                if event is not None:
-                    yield event
+                announced = None if event is None else event[1]
+                if event is not None and announced is None:
+                    yield event  # a policy notice: the sync re-reads the policy key itself
+                elif event is not None and announced is not None:
+                    verified = await self._verify(event[0], announced)
+                    if verified is not None:
+                        yield verified
+                else:
+                    await asyncio.sleep(0)  # a flood of junk must not starve the requests
         finally:
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @property
+    def _listen_timeout(self) -> float:
+        # With Sentinel the listener looks up often enough to follow a new master at once.
+        return 0.25 if self.topology.kind == "sentinel" else 5.0
+
+    async def _follow_master(self) -> None:
+        """With Sentinel: ask which server is the master now, and move there if it changed.
+
+        A manual failover leaves the old master up (and writable) for a while; writes that
+        went there would be lost when it is demoted. One round trip to a sentinel, made only
+        by the background tasks; a sentinel that does not answer changes nothing.
+        """
+        client = self._client
+        if self.topology.kind != "sentinel" or not isinstance(client, Redis):
+            return
+        pool = client.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return
+        try:
+            async with asyncio.timeout(self.settings.socket_timeout_seconds):
+                # Also drops the idle pooled connections to the old master.
+                address = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.debug("Sentinel did not name the master: %s", type(exc).__name__)
+            return
+        if self._master is not None and address != self._master:
+            logger.warning(
+                "Redis master changed (service=%s, from=%s:%s, to=%s:%s); following it",
+                self.topology.service_name,
+                *self._master,
+                *address,
+            )
+            self._master_moved = True
+            self._unsure = set(self._services)
+        self._master = address
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -379,19 +476,87 @@ class RedisStateStore:
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _decode_event(self, data: bytes) -> tuple[str, BreakerSnapshot | None] | None:
+    def _decode_event(self, data: Any) -> tuple[str, BreakerSnapshot | None] | None:
+        """An announcement, or None: ours, or dropped (and counted) as hostile or broken."""
+        if not isinstance(data, bytes | str) or len(data) > MAX_EVENT_BYTES:
+            self._drop("oversized", f"more than {MAX_EVENT_BYTES} bytes")
+            return None
+        raw = data.encode() if isinstance(data, str) else data
+        if raw.count(b"{") + raw.count(b"[") > MAX_EVENT_BRACKETS:
+            # Deep nesting costs a recursive parser dearly: refused before parsing.
+            self._drop("malformed", "nested too deeply")
+            return None
         try:
-            doc = json.loads(data)
-            service = doc["service"]
-            raw = json.dumps(doc.get("state"))
-        except (ValueError, KeyError, TypeError):
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested
+            self._drop("malformed", f"not JSON: {type(exc).__name__}")
             return None
-        if not isinstance(service, str) or doc.get("origin") == self.instance:
-            return None
-        if doc.get("kind") == "policy":
+        if isinstance(doc, dict) and doc.get("kind") == "policy":
+            # A live policy change: a hint to re-read the service's policy key.
+            service = doc.get("service")
+            if doc.get("origin") == self.instance:
+                return None
+            if not isinstance(service, str) or service not in self._services:
+                self._drop("unknown_service", "a service this instance does not use")
+                return None
             return service, None
-        snapshot = self._decode(service, raw)
-        return None if snapshot is None else (service, snapshot)
+        if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+            self._drop("malformed", "not an announcement object")
+            return None
+        service = doc.get("service")
+        if doc.get("origin") == self.instance:
+            return None
+        if not isinstance(service, str) or service not in self._services:
+            # Never decoded or cached: a flood of invented names must not grow memory.
+            self._drop("unknown_service", "a service this instance does not use")
+            return None
+        try:
+            snapshot = decode_state(json.dumps(doc["state"]))
+        except (ValueError, RecursionError) as exc:
+            self._drop("invalid_state", str(exc)[:120])
+            return None
+        return service, snapshot  # on Redis's clock: shifted once verified
+
+    async def _verify(
+        self, service: str, announced: BreakerSnapshot
+    ) -> tuple[str, BreakerSnapshot] | None:
+        """The announced state if the store holds it (or a newer one); forgeries are dropped.
+
+        An announcement is a hint; the stored value is the fleet's state. One GET, in the
+        listener, for a state newer than the last one this store read.
+        """
+        cached = self._decoded.get(service)
+        known = cached[1].version if cached is not None and cached[1] is not None else -1
+        if 0 <= known - announced.version <= 2**52:
+            return None  # nothing new (the sync ignores older versions anyway)
+        raw = await self._run("GET", self._redis().get(self.key(service)))
+        stored = None if raw is None else self._decode(service, raw)
+        # Both on our clock with the same offset (a re-read may have moved it meanwhile).
+        announced = _shift(announced, -self.offset)
+        if stored is not None and (
+            stored == announced
+            or stored.version > announced.version
+            or announced.version - stored.version > 2**52  # the version started again at 1
+        ):
+            return service, stored
+        self._drop(
+            "forged", "the announced state is not the stored one (forged, or lost in a failover)"
+        )
+        return None
+
+    def _drop(self, kind: str, why: str) -> None:
+        count = self.dropped_events.get(kind, 0)
+        self.dropped_events[kind] = count + 1
+        if not count:
+            # Another instance's service is no sign of trouble; the other kinds are.
+            level = logging.DEBUG if kind == "unknown_service" else logging.WARNING
+            logger.log(
+                level,
+                "Dropped a circuit breaker event from Redis (kind=%s, error=%s); further ones"
+                " of this kind are counted, not logged",
+                kind,
+                why,
+            )
 
     def _decode(self, service: str, raw: bytes | str) -> BreakerSnapshot | None:
         cached = self._decoded.get(service)
@@ -575,11 +740,13 @@ def _instance_view(raw: bytes, shift: float) -> InstanceView | None:
         return None
 
 
-def _safe(exc: BaseException, url: str | None) -> str:
-    """The error text with any password of the URL masked."""
+def _wrong_type(exc: StoreError) -> bool:
+    return isinstance(exc.__cause__, ResponseError) and "WRONGTYPE" in str(exc.__cause__)
+
+
+def _safe(exc: BaseException, url: str | None, *secrets: str | None) -> str:
+    """The error text with every secret of the URL (and `secrets`) masked."""
     text = str(exc)
-    if url:
-        password = urlsplit(url).password
-        if password:
-            text = text.replace(password, "***")
-    return text
+    for secret in url_secrets(url, *secrets):
+        text = text.replace(secret, "***")
+    return redact_secrets(text)

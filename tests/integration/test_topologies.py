@@ -54,9 +54,11 @@ def config(url: str, key_prefix: str, **redis_settings: Any) -> Config:
         redis={"url": url, "key_prefix": key_prefix, **redis_settings},
         circuit_breaker={
             "services": {
-                "discovery": {"failure_threshold": 3, "timeout_seconds": 0.3},
-                "sona": {"failure_threshold": 3, "timeout_seconds": 0.3},
-                "auth": {"failure_threshold": 3, "timeout_seconds": 0.3},
+                # Open long enough for the checks below, even with this test's blocking clients
+                # holding up the event loop for a while on a loaded machine.
+                "discovery": {"failure_threshold": 3, "timeout_seconds": 1.5},
+                "sona": {"failure_threshold": 3, "timeout_seconds": 1.5},
+                "auth": {"failure_threshold": 3, "timeout_seconds": 1.5},
             }
         },
     )

@@ -65,6 +65,7 @@ class Issued:
     generation: int
     probe: bool
     finished: bool = False
+    started: float = 0.0
 
 
 @dataclass
@@ -129,6 +130,22 @@ def test_breaker_invariants_hold_for_any_sequence(
 
         if op[0] == "acquire":
             live_before = model.live_probes(breaker.generation)
+            live = [
+                i
+                for i in model.issued
+                if i.probe and not i.finished and i.generation == breaker.generation
+            ]
+            # A probe past its deadline gives its slot up when the slots are full.
+            deadline = policy.slow_call_seconds or policy.probe_lease_seconds
+            overdue = (
+                state_before is HALF_OPEN
+                and live_before >= policy.half_open_max_calls
+                and clock.now - live[0].started > deadline
+            )
+            if overdue:
+                live[0].finished = True
+                live[0].generation = -1  # its outcome counts for nothing
+                live_before -= 1
             got = breaker.acquire()
             if state_before is CLOSED:
                 assert got is not None, "a closed breaker rejected a call"
@@ -137,11 +154,15 @@ def test_breaker_invariants_hold_for_any_sequence(
                 assert breaker.opened_at is not None
                 if clock.now < breaker.opened_at + policy.timeout_seconds:
                     assert got is None, "an open breaker let a call through before its timeout"
-            if state_before is HALF_OPEN:
+            if state_before is HALF_OPEN and overdue and policy.slow_call_seconds is not None:
+                # Slower than slow_call_seconds: the probe failed, and the breaker reopened.
+                assert got is None
+                assert breaker.state is OPEN
+            elif state_before is HALF_OPEN:
                 # Only a full set of probes (or a transition) makes a half-open breaker reject.
                 assert (got is None) == (live_before >= policy.half_open_max_calls)
             if got is not None:
-                model.issued.append(Issued(got, breaker.generation, got.probe))
+                model.issued.append(Issued(got, breaker.generation, got.probe, started=clock.now))
         elif op[0] == "advance":
             clock.advance(op[1])
         elif model.issued:
