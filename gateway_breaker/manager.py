@@ -26,7 +26,7 @@ from gateway_breaker.breaker import (
     Permit,
 )
 from gateway_breaker.config import Config, check_service_name
-from gateway_breaker.errors import CircuitOpenError, ConfigError, PolicyError
+from gateway_breaker.errors import CircuitOpenError, ConfigError, PolicyError, StoreError
 from gateway_breaker.policy import Policy
 from gateway_breaker.views import (
     MANUAL_CAUSES,
@@ -45,6 +45,7 @@ logger = logging.getLogger("gateway_breaker")
 
 RECENT_EVENTS = 1000  # events kept for `events(after=...)` replays
 HISTORY_PER_BREAKER = 100  # in-memory history (the Redis stream keeps more)
+COMMAND_ATTEMPTS = 5  # an operator's command re-applied on top of newer fleet states
 SUBSCRIBER_QUEUE = 1000  # a subscriber that falls this far behind loses its oldest events
 TransitionCallback = Callable[[TransitionEvent], object]
 
@@ -235,22 +236,23 @@ class CircuitBreakerManager:
         breaker = self._known(service)
         now = breaker.clock()
         until = None if seconds is None else now + seconds
-        breaker.set_manual(ManualMode(mode, until, reason, since=now), "manual", reason)
-        await self._commit(service)
+        manual = ManualMode(mode, until, reason, since=now)
+        await self._command(service, lambda b: b.set_manual(manual, "manual", reason))
         return self.view(service)
 
     async def clear_manual(self, service: str, *, reason: str | None = None) -> BreakerView:
         """Lift the manual mode of `service`: the automatic state machine decides again."""
-        breaker = self._known(service)
-        if breaker.manual is not None:
-            breaker.set_manual(None, "manual_released", reason)
-            await self._commit(service)
+
+        def release(breaker: CircuitBreaker) -> None:
+            if breaker.manual is not None:
+                breaker.set_manual(None, "manual_released", reason)
+
+        await self._command(service, release)
         return self.view(service)
 
     async def reset(self, service: str, *, reason: str | None = None) -> BreakerView:
         """Start `service` over, fleet-wide: closed, counters cleared, manual mode lifted."""
-        self._known(service).reset(reason)
-        await self._commit(service)
+        await self._command(service, lambda b: b.reset(reason))
         return self.view(service)
 
     async def set_policy(
@@ -333,6 +335,16 @@ class CircuitBreakerManager:
                 self._sync.queue_history(service, event)
                 self._sync.mark_dirty(service)
         return True
+
+    async def _command(self, service: str, apply: Callable[[CircuitBreaker], None]) -> None:
+        """Apply an operator's command here and write it; if a newer state another instance
+        wrote replaced it meanwhile, apply it again on top of that one (a command always wins)."""
+        breaker = self._known(service)
+        for _ in range(COMMAND_ATTEMPTS):
+            apply(breaker)
+            if self._sync is None or await self._sync.write_now(service):
+                return
+        raise StoreError("the fleet's state kept changing under the command; try again", "command")
 
     async def _commit(self, service: str) -> None:
         if self._sync is not None:

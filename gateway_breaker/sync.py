@@ -65,6 +65,7 @@ class StateSync:
         self.errors: dict[str, int] = {}  # failed store operations by kind
         self._pending_history: dict[str, list[TransitionEvent]] = {}
         self._policies_to_load: set[str] = set()
+        self._superseded: set[str] = set()  # local changes another instance's state replaced
         self._dirty: set[str] = set()
         self._to_load: set[str] = set()
         self._writing: set[str] = set()  # services whose write is in flight
@@ -160,9 +161,11 @@ class StateSync:
 
     # -- operators' commands (awaited by the admin API and the CLI, never by a request) -----
 
-    async def write_now(self, service: str) -> None:
-        """Wait until `service`'s local change is in Redis (bounded). Raises StoreError when
+    async def write_now(self, service: str) -> bool:
+        """Wait until `service`'s local change is in Redis (bounded). False: a newer state
+        another instance wrote superseded it (apply it again on top). Raises StoreError when
         Redis is unreachable: the change stays applied here and is written on reconnect."""
+        self._superseded.discard(service)
         self._wake.set()
         deadline = time.monotonic() + COMMAND_TIMEOUT_SECONDS
         while self._unsent(service):
@@ -173,6 +176,7 @@ class StateSync:
                     "command",
                 )
             await self._sleep(0.002)
+        return service not in self._superseded
 
     async def store_policy(self, service: str, fields: dict[str, object] | None) -> None:
         """Store (None: delete) a live policy override and announce it."""
@@ -402,6 +406,7 @@ class StateSync:
             self.mark_dirty(service)  # our change goes on top of it
             return
         self._dirty.discard(service)  # a newer fleet state supersedes our unsent change
+        self._superseded.add(service)
         self._adopt(breaker, snapshot)
 
     def _unsent(self, service: str) -> bool:
@@ -655,6 +660,7 @@ class StateSync:
             else:
                 # Another instance wrote a newer state first: theirs is the fleet's.
                 self._dirty.discard(name)
+                self._superseded.add(name)
                 self._adopt(breaker, stored)
 
     def _adopt(self, breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> None:

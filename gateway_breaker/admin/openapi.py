@@ -270,8 +270,10 @@ def _operation(
     }
     if service:
         responses["404"] = _problem("unknown service")
+        # A gateway may refuse a malformed path (control characters, dot segments) itself.
+        responses["400"] = _problem("the path is malformed")
     if body is not None:
-        responses["400"] = _problem("the body is missing or not JSON")
+        responses["400"] = _problem("the body is missing or not JSON, or the path is malformed")
         responses["413"] = _problem("the body is larger than 64 KB")
         responses["415"] = _problem("the body is not application/json")
         responses["422"] = _problem("the body is invalid; `errors` names each field")

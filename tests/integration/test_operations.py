@@ -182,3 +182,20 @@ async def test_a_command_with_redis_down_applies_here_and_says_so(
         assert manager.store_errors
     finally:
         await manager.aclose()
+
+
+async def test_a_command_on_a_lagging_instance_still_wins(
+    fleet: Any, redis_shared: RedisServer, key_prefix: str
+) -> None:
+    a, c = await fleet(2)
+    # c's announcements are stopped, so it has not seen the opening when it is told to reset.
+    for task in c._sync._tasks[1:]:
+        task.cancel()
+    await open_breaker(a)
+    key = f"{key_prefix}:discovery:state"
+    await wait_until(lambda: b'"open"' in (redis_shared.client().get(key) or b""))
+    assert c.view("discovery").state == "closed"
+    await c.reset("discovery", reason="fixed")
+    stored = json.loads(redis_shared.client().get(key) or "{}")
+    assert stored["state"] == "closed"
+    await wait_until(lambda: a.view("discovery").state == "closed")
