@@ -263,14 +263,16 @@ class Row {
   }
 
   addHistory(event) {
-    const key = `${event.at}|${event.instance}|${event.version}|${event.from}|${event.to}`;
+    // With a store, a version names one transition of this service wherever it was seen (the
+    // event of an adopting instance and the stored history differ in instance and clock).
+    const key = historyKey(event);
     if (this.historyKeys.has(key)) return false;
     this.historyKeys.add(key);
     this.history.push(event);
     this.history.sort((a, b) => b.at - a.at);
     if (this.history.length > 50) {
       for (const old of this.history.splice(50)) {
-        this.historyKeys.delete(`${old.at}|${old.instance}|${old.version}|${old.from}|${old.to}`);
+        this.historyKeys.delete(historyKey(old));
       }
     }
     return true;
@@ -426,6 +428,12 @@ class Row {
   }
 }
 
+function historyKey(event) {
+  return event.version > 0
+    ? `v${event.version}|${event.to}`
+    : `${event.at}|${event.instance}|${event.from}|${event.to}`;
+}
+
 function ensureRow(service) {
   let row = rows.get(service);
   if (!row) {
@@ -506,7 +514,7 @@ function renderCounts() {
     if (!counts[state] && state !== "open" && state !== "closed") continue;
     const li = document.createElement("li");
     li.className = "count";
-    li.dataset.state = state;
+    if (counts[state]) li.dataset.state = state; // a zero count stays grey
     const n = document.createElement("strong");
     n.textContent = String(counts[state]);
     li.append(n, ` ${stateWord(state)}`);
