@@ -682,8 +682,8 @@ function applyFleet(data) {
       const own = breakers[service];
       if (!own) differs.push(`${service}: not loaded`);
       else if (own.version < held.version) differs.push(`${service}: behind (v${own.version} < v${held.version})`);
-      else if (own.state !== held.state || own.version !== held.version) {
-        differs.push(`${service}: ${stateWord(own.state)} v${own.version}, store ${stateWord(held.state)} v${held.version}`);
+      else if (own.version !== held.version) {
+        differs.push(`${service}: v${own.version}, store v${held.version}`);
       }
     }
     const agrees = shared ? differs.length === 0 : null;
@@ -738,7 +738,7 @@ function updateRowFleet(row) {
     if (!own) continue;
     reporting += 1;
     states[own.state] = (states[own.state] || 0) + 1;
-    if (held && own.version === held.version && own.state === held.state) agreeing += 1;
+    if (held && own.version === held.version) agreeing += 1;
   }
   const spread = STATES.filter((s) => states[s])
     .map((s) => `${states[s]} ${stateWord(s)}`)
@@ -754,15 +754,15 @@ function updateRowFleet(row) {
   for (const instance of instances) {
     const own = (instance.breakers || {})[row.service];
     if (!own) others.push(`${instance.id} not reporting`);
-    else if (own.version !== held.version || own.state !== held.state) {
+    else if (own.version !== held.version) {
       others.push(`${instance.id} ${stateWord(own.state)} v${own.version}`);
     }
   }
   const agreed = agreeing === instances.length;
   row.setFleet(
     agreed
-      ? `Fleet: all ${instances.length} instance${instances.length === 1 ? "" : "s"} agree: ${stateWord(held.state)} (v${held.version})`
-      : `Fleet: ${agreeing} of ${instances.length} agree with the store (${stateWord(held.state)}, v${held.version}); ${others.slice(0, 3).join(", ")}${others.length > 3 ? `, and ${others.length - 3} more` : ""}`,
+      ? `Fleet: all ${instances.length} instance${instances.length === 1 ? "" : "s"} agree with the store (v${held.version}): ${spread}`
+      : `Fleet: ${agreeing} of ${instances.length} agree with the store (v${held.version}); ${others.slice(0, 3).join(", ")}${others.length > 3 ? `, and ${others.length - 3} more` : ""}`,
     agreed,
   );
 }
