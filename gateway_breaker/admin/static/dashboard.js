@@ -137,6 +137,22 @@ function percent(rate) {
   return `${(rate * 100).toFixed(rate > 0 && rate < 0.1 ? 1 : 0)}%`;
 }
 
+function describePolicy(p) {
+  if (!p || typeof p !== "object") return "";
+  const parts = [];
+  if (typeof p.failure_threshold === "number") parts.push(`${p.failure_threshold} failures in a row`);
+  if (typeof p.error_rate_threshold === "number") {
+    parts.push(
+      `${percent(p.error_rate_threshold)} failed of ${p.min_calls ?? "?"}+ calls in ${p.window_seconds ?? "?"} s`,
+    );
+  }
+  let text = parts.length ? `Opens on ${parts.join(" or ")}` : "Policy";
+  if (typeof p.timeout_seconds === "number") text += `; stays open ${p.timeout_seconds} s`;
+  if (typeof p.slow_call_seconds === "number") text += `; calls over ${p.slow_call_seconds} s fail`;
+  if (typeof p.quorum === "number" && p.quorum > 1) text += `; needs ${p.quorum} instances`;
+  return `${text}.`;
+}
+
 function stateWord(state) {
   return STATE_WORDS[state] || String(state);
 }
@@ -220,6 +236,7 @@ class Row {
     this.spark = el.querySelector(".spark");
     this.sparkPaths = el.querySelectorAll(".spark path");
     this.sparkText = el.querySelector(".spark-text");
+    this.policy = el.querySelector(".b-policy");
     this.fleet = el.querySelector(".b-fleet");
     this.last = el.querySelector(".b-last");
     this.details = el.querySelector(".b-history");
@@ -299,6 +316,7 @@ class Row {
         : `${rate} of ${win.calls ?? 0} calls`,
     );
     setText(this.counts, `${v.failure_count ?? 0} / ${v.success_count ?? 0}`);
+    setText(this.policy, describePolicy(v.policy));
 
     const m = v.manual;
     setHidden(this.manual, !m);
@@ -629,12 +647,13 @@ function applyBreakers(data, started) {
     );
   }
   const seen = new Set();
+  const added = document.createDocumentFragment(); // new cards enter the page in one insertion
   let preload = 0;
   for (const view of data.breakers || []) {
     seen.add(view.service);
     const isNew = !rows.has(view.service);
     const row = ensureRow(view.service);
-    if (isNew) list.append(row.el);
+    if (isNew) added.append(row.el);
     row.sample(view.calls);
     const before = row.view ? row.view.state : null;
     // An event that arrived after this request left is newer than what the request returned.
@@ -654,6 +673,7 @@ function applyBreakers(data, started) {
       rows.delete(service);
     }
   }
+  list.append(added);
   firstLoad = false;
   scheduleLayout();
 }
