@@ -8,7 +8,7 @@
 
 const TOKEN_KEY = "gateway-breaker.admin-token";
 const REFRESH_MS = 3000;
-const SPARK_SAMPLES = 40; // bars in a sparkline: one per refresh, two minutes at 3 s
+const SPARK_SAMPLES = 20; // bars in a sparkline: one per refresh, a minute at 3 s
 const HISTORY_SHOWN = 10;
 const HISTORY_PRELOAD = 60; // at start, fetch the history of this many breakers that are not closed
 const STREAM_SILENCE_MS = 45000; // the server sends a keepalive every 15 s
@@ -209,7 +209,6 @@ class Row {
     this.service = service;
     this.view = null;
     this.history = []; // TransitionEvents, newest first
-    this.historyKeys = new Set();
     this.historyWanted = false; // fetched once, or queued
     this.samples = []; // [{ok, fail, rej}] per refresh
     this.prevCalls = null;
@@ -280,18 +279,16 @@ class Row {
   }
 
   addHistory(event) {
-    // With a store, a version names one transition of this service wherever it was seen (the
-    // event of an adopting instance and the stored history differ in instance and clock).
-    const key = historyKey(event);
-    if (this.historyKeys.has(key)) return false;
-    this.historyKeys.add(key);
+    // One transition can arrive twice: as a live event (this instance's clock, perhaps before
+    // the store versioned it) and from the stored history (Redis's clock). Keep the versioned one.
+    const twin = this.history.findIndex((known) => sameTransition(known, event));
+    if (twin >= 0) {
+      if ((event.version || 0) > (this.history[twin].version || 0)) this.history[twin] = event;
+      return false;
+    }
     this.history.push(event);
     this.history.sort((a, b) => b.at - a.at);
-    if (this.history.length > 50) {
-      for (const old of this.history.splice(50)) {
-        this.historyKeys.delete(historyKey(old));
-      }
-    }
+    if (this.history.length > 50) this.history.length = 50;
     return true;
   }
 
@@ -312,7 +309,7 @@ class Row {
     setText(
       this.rate,
       rate === null
-        ? `— (${win.calls ?? 0} calls, under min_calls)`
+        ? `— (${win.calls ?? 0} of ${v.policy?.min_calls ?? "min"} calls)`
         : `${rate} of ${win.calls ?? 0} calls`,
     );
     setText(this.counts, `${v.failure_count ?? 0} / ${v.success_count ?? 0}`);
@@ -337,8 +334,10 @@ class Row {
   // The transition that led to the current state, if known.
   entered() {
     const v = this.view;
-    const first = this.history[0];
-    if (first && first.to === v.state) return first.at;
+    // The newest transition into the current state (under a manual mode the automatic state
+    // machine may have moved since, without changing what is reported).
+    const into = this.history.find((event) => event.to === v.state);
+    if (into) return into.at;
     if ((v.state === "open" || v.state === "forced_open") && v.opened_at) return v.opened_at;
     return null;
   }
@@ -446,10 +445,10 @@ class Row {
   }
 }
 
-function historyKey(event) {
-  return event.version > 0
-    ? `v${event.version}|${event.to}`
-    : `${event.at}|${event.instance}|${event.from}|${event.to}`;
+function sameTransition(a, b) {
+  if (a.from !== b.from || a.to !== b.to || a.cause !== b.cause) return false;
+  if (a.version > 0 && b.version > 0) return a.version === b.version;
+  return Math.abs(a.at - b.at) < 3;
 }
 
 function ensureRow(service) {
