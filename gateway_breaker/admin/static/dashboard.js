@@ -548,6 +548,15 @@ $("filter").addEventListener("input", (event) => {
     scheduleLayout();
   }, 80);
 });
+// "/" jumps to the filter, as in many consoles; never while typing somewhere else.
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "/" || event.ctrlKey || event.metaKey || event.altKey) return;
+  const target = event.target;
+  if (target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement) return;
+  if ($("dashboard").hidden || dialog.open) return;
+  event.preventDefault();
+  $("filter").focus();
+});
 $("not-closed").addEventListener("change", (event) => {
   onlyNotClosed = event.target.checked;
   scheduleLayout();
@@ -646,13 +655,14 @@ function applyBreakers(data, started) {
     );
   }
   const seen = new Set();
-  const added = document.createDocumentFragment(); // new cards enter the page in one insertion
-  let preload = 0;
+  const fresh = [];
   for (const view of data.breakers || []) {
     seen.add(view.service);
-    const isNew = !rows.has(view.service);
-    const row = ensureRow(view.service);
-    if (isNew) added.append(row.el);
+    const row = rows.get(view.service);
+    if (!row) {
+      fresh.push(view);
+      continue;
+    }
     row.sample(view.calls);
     const before = row.view ? row.view.state : null;
     // An event that arrived after this request left is newer than what the request returned.
@@ -661,10 +671,6 @@ function applyBreakers(data, started) {
       // A change that no event told us about: learn its cause from the history.
       if (before !== null && before !== view.state) historyLoader.fetch(row, true);
     }
-    if (firstLoad && view.state !== "closed" && preload < HISTORY_PRELOAD) {
-      preload += 1;
-      historyLoader.fetch(row);
-    }
   }
   for (const [service, row] of rows) {
     if (!seen.has(service)) {
@@ -672,9 +678,44 @@ function applyBreakers(data, started) {
       rows.delete(service);
     }
   }
-  list.append(added);
+  addCards(fresh, firstLoad);
   firstLoad = false;
   scheduleLayout();
+}
+
+// New cards are built a batch at a time, the not-closed ones first, yielding to the person's
+// input between batches: at 1,000 services the page answers while the list fills.
+const CARD_BATCH = 100;
+
+function addCards(views, preloadHistory) {
+  if (!views.length) return;
+  views.sort(
+    (a, b) => (STATE_RANK[a.state] ?? STATES.length) - (STATE_RANK[b.state] ?? STATES.length),
+  );
+  const mine = session;
+  let next = 0;
+  let preload = 0;
+  const batch = () => {
+    if (mine !== session) return;
+    const added = document.createDocumentFragment(); // one insertion per batch
+    for (const view of views.slice(next, next + CARD_BATCH)) {
+      if (rows.has(view.service)) continue; // an event made it meanwhile
+      const row = ensureRow(view.service);
+      row.sample(view.calls);
+      row.apply(view);
+      updateRowFleet(row);
+      added.append(row.el);
+      if (preloadHistory && view.state !== "closed" && preload < HISTORY_PRELOAD) {
+        preload += 1;
+        historyLoader.fetch(row);
+      }
+    }
+    list.append(added);
+    next += CARD_BATCH;
+    scheduleLayout();
+    if (next < views.length) setTimeout(batch, 0);
+  };
+  batch();
 }
 
 function applyFleet(data) {
