@@ -209,6 +209,8 @@ class Row {
     this.service = service;
     this.view = null;
     this.history = []; // TransitionEvents, newest first
+    this.historyRev = 0; // bumps when `history` changes
+    this.historyShown = null; // what the list shows: `${historyRev}|${open}`
     this.historyWanted = false; // fetched once, or queued
     this.samples = []; // [{ok, fail, rej}] per refresh
     this.prevCalls = null;
@@ -220,10 +222,7 @@ class Row {
     const el = template.content.firstElementChild.cloneNode(true);
     this.el = el;
     el.dataset.service = service;
-    el.id = `breaker-${service}`;
-    this.nameEl = el.querySelector(".b-name");
-    this.nameEl.textContent = service;
-    this.nameEl.id = `breaker-name-${service}`;
+    el.querySelector(".b-name").textContent = service;
     this.badge = el.querySelector(".badge");
     this.tagLocal = el.querySelector(".tag-local");
     this.tagPolicy = el.querySelector(".tag-policy");
@@ -247,7 +246,9 @@ class Row {
       button.setAttribute("aria-label", `${button.textContent} ${service}`);
     }
     this.details.addEventListener("toggle", () => {
-      if (this.details.open) historyLoader.fetch(this, true);
+      if (!this.details.open) return;
+      this.renderLast(); // what is known now; the fetch brings the rest
+      historyLoader.fetch(this, true);
     });
     this.renderSpark();
   }
@@ -283,9 +284,13 @@ class Row {
     // the store versioned it) and from the stored history (Redis's clock). Keep the versioned one.
     const twin = this.history.findIndex((known) => sameTransition(known, event));
     if (twin >= 0) {
-      if ((event.version || 0) > (this.history[twin].version || 0)) this.history[twin] = event;
+      if ((event.version || 0) > (this.history[twin].version || 0)) {
+        this.history[twin] = event;
+        this.historyRev += 1;
+      }
       return false;
     }
+    this.historyRev += 1;
     this.history.push(event);
     this.history.sort((a, b) => b.at - a.at);
     if (this.history.length > 50) this.history.length = 50;
@@ -364,9 +369,10 @@ class Row {
             (e.reason ? `: ${e.reason}` : "")
         : "Last: no transition seen",
     );
-    if (!this.details.open && this.historyList.childElementCount === 0 && !this.history.length) {
-      return;
-    }
+    // The list is built only while it is open and only when the history changed.
+    const shown = `${this.historyRev}|${this.details.open}`;
+    if (!this.details.open || this.historyShown === shown) return;
+    this.historyShown = shown;
     const fragment = document.createDocumentFragment();
     for (const event of this.history.slice(0, HISTORY_SHOWN)) {
       const li = document.createElement("li");
