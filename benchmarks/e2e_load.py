@@ -31,7 +31,21 @@ processed during the redis rounds (INFO commandstats delta, INFO itself left out
 and per second, against the same server's rate while the other contenders were loaded (the
 redis gateway idle). Goal: 0 commands per request in steady state.
 
+Transports and server loops (`--contenders transport`, the set of issue 15): the same gateway
+(breakers in memory) with each HTTP engine under httpx's API and each uvicorn server stack, next
+to the bare demo upstream run as a contender of its own, on the gateway's CPU:
+  upstream              `uvicorn examples.upstream:app` (asyncio loop, h11): the baseline
+  upstream-fast         the same with uvloop and httptools
+  httpx / httpx-fast    UPSTREAM_TRANSPORT=httpx (httpx's own transport, httpcore), asyncio+h11
+                        / uvloop+httptools
+  httpx-aiohttp-fast    the httpx-aiohttp package's transport, uvloop+httptools
+  aiohttp / aiohttp-fast  UPSTREAM_TRANSPORT=aiohttp (examples/transport.py), asyncio+h11 /
+                        uvloop+httptools: what the image runs
+Ratios are taken against `upstream` and `upstream-fast` (goal: gateway / upstream >= 0.4, 0.5
+wished), both from requests/s and from CPU time per request.
+
 Run:  .venv/bin/python benchmarks/e2e_load.py [--rounds 5] [--seconds 10] [--json PATH]
+      .venv/bin/python benchmarks/e2e_load.py --contenders transport --rounds 5 --seconds 5
 CI:   .venv/bin/python benchmarks/e2e_load.py --smoke
 A/A:  .venv/bin/python benchmarks/e2e_load.py --contenders disabled,disabled  (should be 1.0)
 """
@@ -76,17 +90,68 @@ from _common import (
 ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = ("disabled", "memory", "redis")
 GOAL_RATIO = 0.97  # requests/s with the middleware / without: at least this
+FAST_SERVER = ["--loop", "uvloop", "--http", "httptools"]
+PLAIN_SERVER = ["--loop", "asyncio", "--http", "h11"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one contender runs: the uvicorn app, its server stack, its environment."""
+
+    app: str = "examples.gateway:app"
+    server: tuple[str, ...] = tuple(PLAIN_SERVER)
+    env: tuple[tuple[str, str], ...] = ()
+    breakers: str = "memory"  # disabled, memory, redis; "" for the bare upstream
+
+
+KINDS: dict[str, Kind] = {
+    "disabled": Kind(breakers="disabled"),
+    "memory": Kind(),
+    "redis": Kind(breakers="redis"),
+    "upstream": Kind(app="examples.upstream:app", breakers=""),
+    "upstream-fast": Kind(app="examples.upstream:app", server=tuple(FAST_SERVER), breakers=""),
+    "httpx": Kind(env=(("UPSTREAM_TRANSPORT", "httpx"),)),
+    "httpx-fast": Kind(server=tuple(FAST_SERVER), env=(("UPSTREAM_TRANSPORT", "httpx"),)),
+    "httpx-aiohttp-fast": Kind(
+        server=tuple(FAST_SERVER), env=(("UPSTREAM_TRANSPORT", "httpx-aiohttp"),)
+    ),
+    "aiohttp": Kind(env=(("UPSTREAM_TRANSPORT", "aiohttp"),)),
+    "aiohttp-fast": Kind(server=tuple(FAST_SERVER), env=(("UPSTREAM_TRANSPORT", "aiohttp"),)),
+}
+TRANSPORT_SET = (
+    "upstream",
+    "upstream-fast",
+    "httpx",
+    "httpx-fast",
+    "httpx-aiohttp-fast",
+    "aiohttp",
+    "aiohttp-fast",
+)
+# Against the bare upstream a gateway does at least twice the HTTP work (it is a server and a
+# client): issue 15 asks for >= 0.4, and wishes 0.5.
+UPSTREAM_GOAL = 0.4
+BASES = ("disabled", "upstream", "upstream-fast")
 PATH = "/discovery/items"
 SERVICES = ("discovery", "sona", "auth")
 # One more service, never loaded: before the rounds it is opened on purpose (failure_threshold
 # 1, failing upstream) to check that each gateway is the contender it claims to be.
 CHECK_SERVICE = "check"
 RESERVED_PORTS = {6379}  # somebody's Redis: never ours
-UVICORN_ARGS = ["--loop", "asyncio", "--http", "h11", "--no-access-log", "--log-level", "warning"]
+UVICORN_ARGS = ["--no-access-log", "--log-level", "warning"]
 # What the redis gateway may send while serving steady traffic: the periodic re-read of its
 # services (TIME + MGET every sync_interval_seconds) and redis-py's health-check PING.
 PERIODIC_COMMANDS = {"time", "mget", "ping"}
-SERVER_PACKAGES = ("uvicorn", "h11", "httpx", "httpcore", "redis")
+SERVER_PACKAGES = (
+    "uvicorn",
+    "h11",
+    "httptools",
+    "uvloop",
+    "httpx",
+    "httpcore",
+    "aiohttp",
+    "httpx-aiohttp",
+    "redis",
+)
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -410,6 +475,7 @@ class Bench:
                 "--port",
                 str(upstream_port),
                 *UVICORN_ARGS,
+                *(FAST_SERVER if _has("uvloop") and _has("httptools") else PLAIN_SERVER),
             ],
         )
         config = self.workdir / "gateway.yaml"
@@ -419,8 +485,8 @@ class Bench:
         server = shutil.which("redis-server")
         if server is None:
             print("redis-server not found: the redis contender is skipped", file=sys.stderr)
-            contenders = [c for c in contenders if c != "redis"]
-        elif "redis" in contenders:
+            contenders = [c for c in contenders if KINDS[c].breakers != "redis"]
+        elif any(KINDS[c].breakers == "redis" for c in contenders):
             self.redis_port = free_port()
             args = [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
             args += ["--appendonly", "no", "--dir", str(self.workdir)]
@@ -429,10 +495,14 @@ class Bench:
 
         base = dict(os.environ)  # already cleaned of the package's settings
         base |= {"GATEWAY_BREAKER_CONFIG": str(config), "LOG_LEVEL": "warning"}
-        self.env = {
+        by_breakers = {
+            "": base,
             "disabled": base | {"CIRCUIT_BREAKER_ENABLED": "false"},
             "memory": base,
             "redis": base | {"REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0"},
+        }
+        self.env = {
+            name: by_breakers[kind.breakers] | dict(kind.env) for name, kind in KINDS.items()
         }
         seen: Counter[str] = Counter()
         for kind in contenders:
@@ -448,13 +518,17 @@ class Bench:
             self.redis.delete(f"circuit_breaker:{CHECK_SERVICE}:state")  # the check opens it
         for gateway in self.gateways:
             gateway.port = free_port()
+            kind = KINDS[gateway.kind]
             args = [*self.pin.prefix(self.pin.gateway), sys.executable, "-m", "uvicorn"]
-            args += ["examples.gateway:app", "--host", "127.0.0.1", "--port", str(gateway.port)]
+            args += [kind.app, "--host", "127.0.0.1", "--port", str(gateway.port)]
             gateway.process = self.fleet.start(
-                f"gateway-{gateway.name}", [*args, *UVICORN_ARGS], self.env[gateway.kind]
+                f"gateway-{gateway.name}",
+                [*args, *UVICORN_ARGS, *kind.server],
+                self.env[gateway.kind],
             )
         for gateway in self.gateways:
-            wait_http(gateway.process, f"http://127.0.0.1:{gateway.port}/healthz")
+            health = "/healthz" if KINDS[gateway.kind].breakers else "/_stats"
+            wait_http(gateway.process, f"http://127.0.0.1:{gateway.port}{health}")
         self.check_contenders()
 
     def stop_gateways(self) -> None:
@@ -468,9 +542,12 @@ class Bench:
             base = f"http://127.0.0.1:{gateway.port}"
             if (status := status_of(base + PATH)) != 200:
                 raise RuntimeError(f"{gateway.name}: GET {PATH} answered {status}")
+            breakers = KINDS[gateway.kind].breakers
+            if not breakers:
+                continue  # the bare upstream
             failing = f"{base}/{CHECK_SERVICE}/status/500"
             codes = [status_of(failing), status_of(failing)]
-            expected = [500, 500] if gateway.kind == "disabled" else [500, 503]
+            expected = [500, 500] if breakers == "disabled" else [500, 503]
             if codes != expected:
                 raise RuntimeError(f"{gateway.name}: failing upstream gave {codes}, not {expected}")
         if self.redis is not None:
@@ -592,47 +669,61 @@ def report(bench: Bench, smoke: bool) -> dict[str, Any]:
     )
 
     ratios: dict[str, Any] = {}
-    base = gateways.get("disabled")
-    for name in [g.name for g in bench.gateways if g is not base and base is not None]:
-        assert base is not None
-        top = [x.rps for x in gateways[name].loads]
-        bottom = [x.rps for x in base.loads]
-        point = statistics.median(top) / statistics.median(bottom)
-        low, high = bootstrap_ratio_ci(top, bottom)
-        per_round = [t / b for t, b in zip(top, bottom, strict=True)]
-        # The same from the gateway's CPU time per request, which does not depend on how much
-        # of its core the gateway got (other load on the machine): the throughput one core
-        # would give, contender / disabled = CPU per request of disabled / of the contender.
-        cpu_top, cpu_bottom = base.cpu_us_per_request, gateways[name].cpu_us_per_request
-        cpu = statistics.median(cpu_top) / statistics.median(cpu_bottom)
-        cpu_low, cpu_high = bootstrap_ratio_ci(cpu_top, cpu_bottom)
-        if smoke:
-            outcome = cpu_outcome = "smoke run, no verdict"
-        else:
-            outcome = at_least(point, low, high, GOAL_RATIO)
-            cpu_outcome = at_least(cpu, cpu_low, cpu_high, GOAL_RATIO)
-        ratios[f"{name}/disabled"] = {
-            "rps_ratio": point,
-            "ci95_low": low,
-            "ci95_high": high,
-            "per_round": summary(per_round),
-            "per_round_values": [round(r, 4) for r in per_round],
-            "goal": f">= {GOAL_RATIO}",
-            "verdict": outcome,
-            "cpu_capacity_ratio": cpu,
-            "cpu_capacity_ci95_low": cpu_low,
-            "cpu_capacity_ci95_high": cpu_high,
-            "cpu_capacity_verdict": cpu_outcome,
-        }
-        print(
-            f"{name}/disabled req/s = {point:.3f} (95% CI {low:.3f} - {high:.3f}; per round"
-            f" {min(per_round):.3f} - {max(per_round):.3f}; goal >= {GOAL_RATIO}): {outcome}"
-        )
-        print(
-            f"{name}/disabled from gateway CPU per request = {cpu:.3f} (95% CI {cpu_low:.3f} -"
-            f" {cpu_high:.3f}; goal >= {GOAL_RATIO}): {cpu_outcome}"
-        )
+    for base_name in BASES:
+        base = gateways.get(base_name)
+        if base is None:
+            continue
+        goal = GOAL_RATIO if base_name == "disabled" else UPSTREAM_GOAL
+        others = [g.name for g in bench.gateways if g is not base and g.kind not in BASES[1:]]
+        for name in others:
+            ratios[f"{name}/{base_name}"] = ratio(gateways[name], base, goal, smoke)
+    return {"contenders": contenders, "ratios": ratios, "redis": redis_report(bench, gateways)}
 
+
+def ratio(top_g: Gateway, base: Gateway, goal: float, smoke: bool) -> dict[str, Any]:
+    """`top_g` over `base`, from requests/s and from CPU time per request, with verdicts."""
+    name, base_name = top_g.name, base.name
+    top = [x.rps for x in top_g.loads]
+    bottom = [x.rps for x in base.loads]
+    point = statistics.median(top) / statistics.median(bottom)
+    low, high = bootstrap_ratio_ci(top, bottom)
+    per_round = [t / b for t, b in zip(top, bottom, strict=True)]
+    # The same from the gateway's CPU time per request, which does not depend on how much
+    # of its core the gateway got (other load on the machine): the throughput one core
+    # would give, contender / disabled = CPU per request of disabled / of the contender.
+    cpu_top, cpu_bottom = base.cpu_us_per_request, top_g.cpu_us_per_request
+    cpu = statistics.median(cpu_top) / statistics.median(cpu_bottom)
+    cpu_low, cpu_high = bootstrap_ratio_ci(cpu_top, cpu_bottom)
+    if smoke:
+        outcome = cpu_outcome = "smoke run, no verdict"
+    else:
+        outcome = at_least(point, low, high, goal)
+        cpu_outcome = at_least(cpu, cpu_low, cpu_high, goal)
+    result = {
+        "rps_ratio": point,
+        "ci95_low": low,
+        "ci95_high": high,
+        "per_round": summary(per_round),
+        "per_round_values": [round(r, 4) for r in per_round],
+        "goal": f">= {goal}",
+        "verdict": outcome,
+        "cpu_capacity_ratio": cpu,
+        "cpu_capacity_ci95_low": cpu_low,
+        "cpu_capacity_ci95_high": cpu_high,
+        "cpu_capacity_verdict": cpu_outcome,
+    }
+    print(
+        f"{name}/{base_name} req/s = {point:.3f} (95% CI {low:.3f} - {high:.3f}; per round"
+        f" {min(per_round):.3f} - {max(per_round):.3f}; goal >= {goal}): {outcome}"
+    )
+    print(
+        f"{name}/{base_name} from CPU per request = {cpu:.3f} (95% CI {cpu_low:.3f} -"
+        f" {cpu_high:.3f}; goal >= {goal}): {cpu_outcome}"
+    )
+    return result
+
+
+def redis_report(bench: Bench, gateways: dict[str, Gateway]) -> dict[str, Any]:
     redis_result: dict[str, Any] = {}
     if "redis" in gateways:
         g = gateways["redis"]
@@ -672,15 +763,27 @@ def report(bench: Bench, smoke: bool) -> dict[str, Any]:
             f" (the periodic re-read); beyond idle {excess / requests:.5f} per request:"
             f" {redis_result['verdict']}"
         )
-    return {"contenders": contenders, "ratios": ratios, "redis": redis_result}
+    return redis_result
 
 
 def contender_list(text: str) -> list[str]:
+    if text.strip() == "transport":
+        return list(TRANSPORT_SET)
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown or "disabled" not in names:
-        raise argparse.ArgumentTypeError(f"names from {', '.join(CONTENDERS)}, disabled among them")
+    unknown = [n for n in names if n not in KINDS]
+    if unknown or not any(n in BASES for n in names):
+        raise argparse.ArgumentTypeError(
+            f"`transport`, or names from {', '.join(KINDS)} with one of {', '.join(BASES)}"
+        )
     return names
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def loadgen_name(choice: str) -> str:

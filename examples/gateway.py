@@ -8,30 +8,45 @@ or `examples/config.yaml` when that variable is unset. Every service `name` with
 - Upstream connect error -> 502, upstream timeout -> 504 (both count as failures).
 - An open breaker -> 503 with Retry-After (answered by the middleware; the upstream is not called).
 - `GET /healthz` -> 200 `{"status": "ok"}`; a path under no service -> 404.
+- A request no upstream should see (a `.` or `..` segment, an encoded `/` or `\\`, malformed
+  percent-encoding, control characters, a request target over 8 KiB) -> 400 or 414 from the
+  gateway itself, before any breaker sees it: it is evidence about the client, not the upstream.
+- A client that leaves (mid-upload, mid-response) gets no answer and its call counts for nothing.
+- Proxied responses carry the gateway's own `Date` and `Server` (the upstream's are dropped, as
+  nginx does) and `Via: 1.1 gateway-breaker`; requests to the upstream carry `Via` too.
+- Run under a root path (`uvicorn --root-path /api`, or mounted under `/api`), the path below it
+  is routed and forwarded.
 - The upstream host `demo-upstream` is served in-process by `examples.upstream`, so the default
   config works with no other process. Any other upstream is reached over the network.
 
 Environment: `LOG_LEVEL` (default `info`) sets the level of the `gateway_breaker` log lines,
 printed to stdout; `UPSTREAM_CONNECT_TIMEOUT` (default 2) and `UPSTREAM_TIMEOUT` (default 30)
-bound, in seconds, connecting to an upstream and each read or write of one.
+bound, in seconds, connecting to an upstream and each read or write of one;
+`UPSTREAM_MAX_CONNECTIONS` (default 200) caps the connections open to the upstreams;
+`UPSTREAM_TRANSPORT` picks the HTTP engine under httpx's API: `aiohttp` (the default when aiohttp
+is installed, as with the `example` extra) or `httpx` (httpx's own; `httpx-aiohttp` too, for the
+benchmark only).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from starlette.background import BackgroundTask
+from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from examples import upstream as demo_upstream
 from gateway_breaker import CircuitBreakerMiddleware, Config, ConfigError, RouteTable
@@ -44,21 +59,35 @@ LOGGERS = ("gateway_breaker", "examples")
 # is the upstream's own.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
     }
 )
+# Sent by the gateway's own server (uvicorn) on every response: the upstream's are dropped so
+# that a proxied response carries exactly one of each, like nginx's proxy does.
+SERVER_OWN = frozenset({b"date", b"server"})
+# RFC 9110 7.6.3: the protocol this hop received, and a pseudonym for this intermediary.
+VIA = b"1.1 gateway-breaker"
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# `httpx-aiohttp` is there to be measured (benchmarks/e2e_load.py), not to be run: version 0.2
+# maps a refused connection to httpx.ConnectTimeout, so a dead upstream would answer 504.
+TRANSPORTS = ("aiohttp", "httpx", "httpx-aiohttp")
 # Characters left as they are when the decoded path is re-encoded for the upstream.
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# Path plus query. Servers' own limits differ (h11 refuses at 16 KiB of head, httptools has
+# none); the gateway's is the same whichever runs it.
+MAX_TARGET_BYTES = 8 * 1024
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_ENCODED_SEPARATOR = re.compile(rb"%(2[fF]|5[cC])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 logger = logging.getLogger("examples.gateway")
 
@@ -96,6 +125,33 @@ def upstream_timeout() -> httpx.Timeout:
     return httpx.Timeout(connect=connect, read=io, write=io, pool=connect)
 
 
+def upstream_limits() -> httpx.Limits:
+    """At most UPSTREAM_MAX_CONNECTIONS (default 200) open to the upstreams at once; a request
+    waits for a free one up to the connect timeout. Idle ones close after 5 s."""
+    raw = os.environ.get("UPSTREAM_MAX_CONNECTIONS") or "200"
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 100_000:
+        raise ConfigError(f"UPSTREAM_MAX_CONNECTIONS: an integer in 1-100000, got {raw!r}")
+    return httpx.Limits(max_connections=count, max_keepalive_connections=min(count, 50))
+
+
+def upstream_transport() -> str:
+    """UPSTREAM_TRANSPORT, else `aiohttp` when it is installed, else `httpx`."""
+    raw = os.environ.get("UPSTREAM_TRANSPORT", "").strip().lower()
+    if not raw:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            return "httpx"
+        return "aiohttp"
+    if raw not in TRANSPORTS:
+        raise ConfigError(f"UPSTREAM_TRANSPORT: one of {', '.join(TRANSPORTS)}, got {raw!r}")
+    return raw
+
+
 def _seconds(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if not raw:
@@ -109,10 +165,92 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
-class UpstreamProxy:
-    """Forwards requests under a service's prefix to its upstream with one shared client."""
+def route_path(scope: Scope) -> str:
+    """The decoded path below the app's root path (ASGI: `path` includes `root_path`)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
 
-    def __init__(self, config: Config, timeout: httpx.Timeout) -> None:
+
+def refusal(scope: Scope) -> tuple[int, str, str] | None:
+    """Why the gateway answers this request itself (status, title, detail), or None.
+
+    Checked before any breaker: a path that could mean one service to the router and another to
+    the upstream (dot segments, encoded separators), or that the server decoded lossily, is
+    refused rather than normalised, so that the path a breaker is charged for is always the
+    path its upstream receives.
+    """
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    query: bytes = scope.get("query_string", b"")
+    if len(raw) + len(query) > MAX_TARGET_BYTES:
+        return 414, "URI Too Long", f"the request target is over {MAX_TARGET_BYTES} bytes"
+    if _BAD_ESCAPE.search(raw):
+        return 400, "Bad Request", "malformed percent-encoding in the path"
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return 400, "Bad Request", "the path is not UTF-8 once percent-decoded"
+    if _ENCODED_SEPARATOR.search(raw):
+        return 400, "Bad Request", "an encoded '/' or '\\' in the path"
+    path: str = scope["path"]
+    if "\\" in path or _CONTROL.search(path):
+        return 400, "Bad Request", "a backslash or a control character in the path"
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return 400, "Bad Request", "a '.' or '..' segment in the path"
+    return None
+
+
+class RequestGuard:
+    """Pure ASGI, outside the breakers: answers the requests no upstream should see."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (refused := refusal(scope)) is not None:
+            status, title, detail = refused
+            await _send_problem(send, status, title, detail)
+            return
+        await self.app(scope, receive, send)
+
+
+class _RequestBody:
+    """The client's body as an async iterator, noting whether the client left while sending it."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.disconnected = False
+        self.complete = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while not self.complete:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                raise ClientDisconnect()
+            self.complete = not message.get("more_body", False)
+            if chunk := message.get("body", b""):
+                yield chunk
+
+
+def _watch_disconnect(receive: Receive) -> asyncio.Future[None]:
+    """A task that ends when the client has gone (the request body must be read already)."""
+
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return asyncio.ensure_future(wait())
+
+
+class UpstreamProxy:
+    """Pure ASGI: forwards requests under a service's prefix to its upstream, one shared client."""
+
+    def __init__(
+        self, config: Config, timeout: httpx.Timeout, transport: str | None = None
+    ) -> None:
         services = config.circuit_breaker.services
         missing = [name for name, s in services.items() if s.upstream is None]
         if missing:
@@ -125,131 +263,236 @@ class UpstreamProxy:
         routes = config.circuit_breaker.routes()
         self.routes = RouteTable(routes)
         self.prefixes = {service: prefix for prefix, service in routes.items()}
-        self.upstreams = {name: str(s.upstream) for name, s in services.items()}
+        self.upstreams = {name: str(s.upstream).rstrip("/") for name, s in services.items()}
         self.timeout = timeout
-        self.client: httpx.AsyncClient | None = None
+        self.transport = transport or upstream_transport()
+        self.limits = upstream_limits()
+        self.extensions = {"timeout": timeout.as_dict()}
+        self.network: httpx.AsyncBaseTransport | None = None
+        self.by_service: dict[str, httpx.AsyncBaseTransport] = {}
 
-    def open_client(self) -> httpx.AsyncClient:
-        self.client = httpx.AsyncClient(
-            timeout=self.timeout,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            follow_redirects=False,
-            trust_env=False,  # a gateway never goes through proxies from the environment
-            mounts={DEMO_UPSTREAM: httpx.ASGITransport(app=demo_upstream.app)},
-        )
-        return self.client
+    def open_transports(self) -> None:
+        """The network transport and the in-process demo upstream, picked per service once.
+
+        The proxy speaks httpx's transport API (`httpx.Request` in, streamed `httpx.Response`
+        out) without an `httpx.AsyncClient` on top: the client's per-request work (cookie
+        persistence, auth and redirect flows, URL merging) is what a proxy must not do, and it
+        cost about a third of the gateway's CPU (docs/e2e-and-restore.md).
+        """
+        if self.transport == "aiohttp":
+            from examples.transport import AiohttpTransport
+
+            self.network = AiohttpTransport(limits=self.limits)
+        elif self.transport == "httpx-aiohttp":
+            import httpx_aiohttp
+
+            self.network = httpx_aiohttp.AiohttpTransport(limits=self.limits, trust_env=False)
+        else:
+            self.network = httpx.AsyncHTTPTransport(limits=self.limits, trust_env=False)
+        demo = httpx.ASGITransport(app=demo_upstream.app)
+        self.by_service = {
+            name: demo if httpx.URL(url).host == httpx.URL(DEMO_UPSTREAM).host else self.network
+            for name, url in self.upstreams.items()
+        }
 
     async def aclose(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            await client.aclose()
+        network, self.network = self.network, None
+        self.by_service = {}
+        if network is not None:
+            await network.aclose()
 
-    async def forward(self, request: Request) -> Response:
-        path = request.url.path
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
         service = self.routes.match(path)
         if service is None:
-            return _problem(404, "Not Found", f"no service is configured for {path}")
-        client = self.client
-        if client is None:  # run without lifespan events: make the client on first use
-            logger.warning("No lifespan startup ran; opening the upstream client on first use")
-            client = self.open_client()
+            await _send_problem(send, 404, "Not Found", f"no service is configured for {path}")
+            return
+        if not self.by_service:  # run without lifespan events: open on first use
+            logger.warning("No lifespan startup ran; opening the upstream transport on first use")
+            self.open_transports()
         prefix = self.prefixes[service]
         rest = path if prefix == "/" else path[len(prefix) :]
-        url = httpx.URL(self.upstreams[service] + quote(rest, safe=PATH_SAFE))
-        query = request.scope.get("query_string", b"")
+        url = self.upstreams[service] + quote(rest, safe=PATH_SAFE)
+        query: bytes = scope.get("query_string", b"")
         if query:
-            url = url.copy_with(query=query)
-        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-        upstream_request = client.build_request(
-            request.method,
-            url,
-            headers=_forward_headers(request),
-            content=request.stream() if has_body else None,
+            url += "?" + query.decode("latin-1")
+        headers, has_body = _forward_headers(scope)
+        body = _RequestBody(receive) if has_body else None
+        upstream_request = httpx.Request(
+            scope["method"], url, headers=headers, content=body, extensions=self.extensions
         )
         try:
-            upstream = await client.send(upstream_request, stream=True)
-        except httpx.TimeoutException as exc:
-            logger.info("Upstream timed out (service=%s, url=%s, error=%r)", service, url, exc)
-            return _problem(504, "Gateway Timeout", f"upstream of {service} timed out", service)
-        except httpx.TransportError as exc:
-            logger.info("Upstream unreachable (service=%s, url=%s, error=%r)", service, url, exc)
-            return _problem(502, "Bad Gateway", f"upstream of {service} is unreachable", service)
-        except ClientDisconnect:
-            return Response(status_code=499)  # nobody is listening; the breaker ignores it
+            upstream = await self.by_service[service].handle_async_request(upstream_request)
+        except Exception as exc:
+            if body is not None and body.disconnected:
+                _log_gone(service, "while sending its body")
+                return  # no response: the middleware releases the permit, records nothing
+            if isinstance(exc, httpx.TimeoutException):
+                logger.info("Upstream timed out (service=%s, url=%s, error=%r)", service, url, exc)
+                detail = f"upstream of {service} timed out"
+                await _send_problem(send, 504, "Gateway Timeout", detail, service)
+                return
+            if isinstance(exc, httpx.TransportError):
+                logger.info(
+                    "Upstream unreachable (service=%s, url=%s, error=%r)", service, url, exc
+                )
+                detail = f"upstream of {service} is unreachable"
+                await _send_problem(send, 502, "Bad Gateway", detail, service)
+                return
+            raise
+        try:
+            await self._relay(upstream, service, body, receive, send)
+        finally:
+            await upstream.aclose()
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            finally:
-                await upstream.aclose()
+    async def _relay(
+        self,
+        upstream: httpx.Response,
+        service: str,
+        body: _RequestBody | None,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        hop = _connection_tokens(upstream.headers.get_list("connection")) | SERVER_OWN
+        headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in hop]
+        headers.append((b"via", VIA))
+        # A response in one piece (the usual small answer) is sent in one message. A longer one
+        # is relayed chunk by chunk while watching receive(), the only way the server tells of
+        # a client that left, so that a response the client never gets is never completed.
+        # The transport's own stream: Response.aiter_raw() adds re-chunking a relay has no use for.
+        stream = upstream.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        chunks = aiter(stream)
+        first = await anext(chunks, b"")
+        start: Message = {"type": "http.response.start", "status": upstream.status_code}
+        start["headers"] = headers
+        if not first or upstream.headers.get("content-length") == str(len(first)):
+            await send(start)
+            await send({"type": "http.response.body", "body": first, "more_body": False})
+            return
+        gone = None if body is not None and not body.complete else _watch_disconnect(receive)
+        try:
+            await send(start)
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            chunk = await anext(chunks, None)
+            while chunk is not None:
+                if gone is not None and gone.done():
+                    _log_gone(service, "before the whole response")
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await anext(chunks, None)
+            if gone is not None and gone.done():
+                _log_gone(service, "before the whole response")
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # ASGI 2.4 servers raise on a send to a closed connection
+            _log_gone(service, "before the whole response")
+        finally:
+            if gone is not None:
+                gone.cancel()
 
-        response = StreamingResponse(
-            body(), status_code=upstream.status_code, background=BackgroundTask(upstream.aclose)
-        )
-        hop = _connection_tokens(upstream.headers.get_list("connection"))
-        response.raw_headers = [
-            (name.encode("latin-1"), value.encode("latin-1"))
-            for name, value in upstream.headers.multi_items()
-            if name not in hop
-        ]
-        return response
+
+def _log_gone(service: str, when: str) -> None:
+    logger.debug("Client disconnected %s (service=%s); the call counts for nothing", when, service)
 
 
-def _connection_tokens(values: list[str]) -> frozenset[str]:
+def _connection_tokens(values: list[str]) -> frozenset[bytes]:
     """Hop-by-hop headers plus any the Connection header names."""
-    named = {token.strip().lower() for value in values for token in value.split(",")}
+    named = {token.strip().lower().encode("latin-1") for v in values for token in v.split(",")}
     return HOP_BY_HOP | named
 
 
-def _forward_headers(request: Request) -> list[tuple[str, str]]:
-    hop = _connection_tokens(request.headers.getlist("connection"))
-    headers = [(k, v) for k, v in request.headers.items() if k not in hop]
-    client = request.client.host if request.client else None
+def _forward_headers(scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The client's end-to-end headers plus X-Forwarded-* and Via; whether a body follows."""
+    raw: list[tuple[bytes, bytes]] = scope["headers"]
+    connection = [v.decode("latin-1") for k, v in raw if k == b"connection"]
+    hop = _connection_tokens(connection) if connection else HOP_BY_HOP
+    headers: list[tuple[bytes, bytes]] = []
+    forwarded_for: list[bytes] = []
+    has_body = proto = host = False
+    host_value: bytes | None = None
+    via: list[bytes] = []
+    for name, value in raw:
+        if name in (b"content-length", b"transfer-encoding"):
+            has_body = True
+        if name == b"x-forwarded-for":
+            forwarded_for.append(value)
+        elif name == b"via":
+            via.append(value)
+        elif name not in hop:
+            proto = proto or name == b"x-forwarded-proto"
+            host = host or name == b"x-forwarded-host"
+            headers.append((name, value))
+        elif name == b"host":
+            host_value = value
+    client = scope.get("client")
     if client:
-        prior = request.headers.get("x-forwarded-for")
-        headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
-        headers.append(("x-forwarded-for", f"{prior}, {client}" if prior else client))
-    if "x-forwarded-proto" not in request.headers:
-        headers.append(("x-forwarded-proto", request.url.scheme))
-    if "host" in request.headers and "x-forwarded-host" not in request.headers:
-        headers.append(("x-forwarded-host", request.headers["host"]))
-    return headers
+        forwarded_for.append(client[0].encode("latin-1"))
+    if forwarded_for:
+        headers.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    if not proto:
+        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+    if not host and host_value is not None:
+        headers.append((b"x-forwarded-host", host_value))
+    headers.append((b"via", b", ".join([*via, VIA])))
+    return headers, has_body
 
 
-def _problem(status: int, title: str, detail: str, service: str | None = None) -> Response:
-    doc: dict[str, object] = {"type": "about:blank", "title": title, "status": status}
+async def _send_problem(
+    send: Send, status: int, title: str, detail: str, service: str | None = None
+) -> None:
+    doc: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
     doc["detail"] = detail
     if service is not None:
         doc["service"] = service
-    return JSONResponse(doc, status_code=status, media_type="application/problem+json")
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def create_app(config: Config | None = None, *, timeout: httpx.Timeout | None = None) -> FastAPI:
+def create_app(
+    config: Config | None = None,
+    *,
+    timeout: httpx.Timeout | None = None,
+    transport: str | None = None,
+) -> FastAPI:
     """The gateway for `config` (default: `load_config()`)."""
     config = config if config is not None else load_config()
-    proxy = UpstreamProxy(config, timeout if timeout is not None else upstream_timeout())
+    proxy = UpstreamProxy(config, timeout if timeout is not None else upstream_timeout(), transport)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        proxy.open_client()
+        proxy.open_transports()
         try:
             yield
         finally:
             await proxy.aclose()
 
-    app = FastAPI(title="gateway-breaker example gateway", lifespan=lifespan)
+    app = FastAPI(
+        title="gateway-breaker example gateway",
+        lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks look for a provider on every request; the gateway
+        # reports through gateway_breaker's metrics instead. Turn them back on to trace.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.proxy = proxy
     app.add_middleware(CircuitBreakerMiddleware, config=config)
+    app.add_middleware(RequestGuard)  # added last: outermost, before any breaker
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
-    async def proxy_route(request: Request) -> Response:
-        return await proxy.forward(request)
-
+    # The proxy is a plain ASGI endpoint: no FastAPI request parsing on the hot path.
+    app.router.routes.append(Route("/{path:path}", proxy, methods=METHODS, include_in_schema=False))
     return app
 
 

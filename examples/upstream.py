@@ -8,8 +8,12 @@ path, so one instance serves every prefix a gateway forwards: with the upstream
 - `/.../status/{code}` (any method): answers that status.
 - `/.../slow/{seconds}`: sleeps that long (60 s at most), then answers 200.
 - `/.../flaky?rate=0.3`: fails with 500 at that rate (0.5 when left out), else 200.
+- `/.../stream/{count}?delay=0.05`: 200, streamed: `count` lines of about 1 KiB (10,000 at
+  most), `delay` seconds apart (60 s at most), to watch a response arrive piece by piece.
+- `/.../set-cookie?name=value`: 200 with a `Set-Cookie` for each query parameter.
 - `GET /_stats`: `{"requests": n}`, the requests served so far, `/_stats` itself excluded.
-- anything else: 200 with a JSON echo of the method, path, query, headers and body.
+- anything else: 200 with a JSON echo of the method, path, query, headers, body and the
+  client's address (which tells whether a proxy reuses its connections).
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MAX_SLEEP_SECONDS = 60.0
 MAX_ECHO_BYTES = 64 * 1024
+MAX_STREAM_LINES = 10_000
 _EMPTY_BODY_STATUSES = frozenset({204, 205, 304})
 
 
@@ -47,6 +53,10 @@ def create_app() -> Starlette:
             return await _slow(segments[-1])
         if segments and segments[-1] == "flaky":
             return _flaky(request.query_params.get("rate", "0.5"))
+        if len(segments) >= 2 and segments[-2] == "stream":
+            return _stream(segments[-1], request.query_params.get("delay", "0.05"))
+        if segments and segments[-1] == "set-cookie":
+            return _set_cookie(request)
         return await _echo(request)
 
     return Starlette(
@@ -92,15 +102,41 @@ def _flaky(raw: str) -> Response:
     return JSONResponse({"status": 200, "flaky": True, "rate": rate})
 
 
+def _stream(raw_count: str, raw_delay: str) -> Response:
+    try:
+        count, delay = int(raw_count), float(raw_delay)
+    except ValueError:
+        count, delay = -1, math.nan
+    if not (0 <= count <= MAX_STREAM_LINES and 0 <= delay <= MAX_SLEEP_SECONDS):
+        return _error(400, f"count in 0-{MAX_STREAM_LINES}, delay in 0-60 s, got {raw_count!r}")
+
+    async def lines() -> AsyncIterator[bytes]:
+        for number in range(count):
+            if number:
+                await asyncio.sleep(delay)
+            yield b"%06d " % number + b"." * 1017 + b"\n"
+
+    return StreamingResponse(lines(), media_type="text/plain")
+
+
+def _set_cookie(request: Request) -> Response:
+    response = JSONResponse({"set": dict(request.query_params)})
+    for name, value in request.query_params.items():
+        response.set_cookie(name, value)
+    return response
+
+
 async def _echo(request: Request) -> Response:
     body = await request.body()
     doc: dict[str, Any] = {
         "method": request.method,
-        "path": request.url.path,
+        "path": request.scope["path"],  # percent-decoded, as the server passed it on
+        "raw_path": request.scope.get("raw_path", b"").decode("latin-1"),
         "query": request.url.query,
         "headers": dict(request.headers),
         "body": body[:MAX_ECHO_BYTES].decode("utf-8", errors="replace"),
         "body_bytes": len(body),
+        "client": f"{request.client.host}:{request.client.port}" if request.client else None,
     }
     return JSONResponse(doc)
 

@@ -1,15 +1,42 @@
 """Fleet-wide circuit breakers for FastAPI and Starlette API gateways."""
 
-from gateway_breaker.breaker import BreakerSnapshot, CircuitBreaker, CircuitState, Permit
-from gateway_breaker.config import CircuitBreakerSettings, Config, RedisSettings
-from gateway_breaker.errors import CircuitOpenError, ConfigError, GatewayBreakerError, StoreError
+from gateway_breaker.breaker import (
+    EFFECTIVE_STATES,
+    MANUAL_MODES,
+    OUTCOMES,
+    BreakerSnapshot,
+    CircuitBreaker,
+    CircuitState,
+    ManualMode,
+    Permit,
+)
+from gateway_breaker.config import (
+    AdminSettings,
+    CircuitBreakerSettings,
+    Config,
+    MetricsSettings,
+    RedisSettings,
+)
+from gateway_breaker.errors import (
+    CircuitOpenError,
+    ConfigError,
+    GatewayBreakerError,
+    PolicyError,
+    StoreError,
+)
 from gateway_breaker.manager import CircuitBreakerManager
 from gateway_breaker.middleware import CircuitBreakerMiddleware
 from gateway_breaker.policy import Policy, ServicePolicy
 from gateway_breaker.routing import RouteTable
+from gateway_breaker.views import BreakerView, FleetView, InstanceView, TransitionEvent
 
 __all__ = [
+    "EFFECTIVE_STATES",
+    "MANUAL_MODES",
+    "OUTCOMES",
+    "AdminSettings",
     "BreakerSnapshot",
+    "BreakerView",
     "CircuitBreaker",
     "CircuitBreakerManager",
     "CircuitBreakerMiddleware",
@@ -18,12 +45,18 @@ __all__ = [
     "CircuitState",
     "Config",
     "ConfigError",
+    "FleetView",
     "GatewayBreakerError",
+    "InstanceView",
+    "ManualMode",
+    "MetricsSettings",
     "Permit",
     "Policy",
+    "PolicyError",
     "RedisSettings",
     "RouteTable",
     "ServicePolicy",
     "StoreError",
+    "TransitionEvent",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,37 @@ class CircuitState(StrEnum):
     HALF_OPEN = "half_open"
 
 
+MANUAL_MODES = ("forced_open", "disabled", "metrics_only")
+"""Modes an operator can put a breaker in, above its automatic state machine."""
+EFFECTIVE_STATES = ("closed", "open", "half_open", *MANUAL_MODES)
+"""What a breaker reports: its automatic state, or the manual mode that overrides it."""
+OUTCOMES = ("success", "failure", "slow", "rejected", "ignored")
+"""How a call is counted: `slow` is a failure by the slow-call rule; `ignored` counted for
+nothing (client gone, cancelled, started before a transition)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManualMode:
+    """An operator's override: `forced_open` rejects everything, `disabled` lets everything
+    through and counts nothing, `metrics_only` runs the state machine but never rejects.
+
+    `until` (Unix seconds, the breaker's clock) ends it by itself; None keeps it until lifted.
+    """
+
+    mode: str
+    until: float | None = None
+    reason: str | None = None
+    since: float | None = None
+    """When it was set (the breaker's clock)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MANUAL_MODES:
+            raise ValueError(f"mode must be one of {', '.join(MANUAL_MODES)}, got {self.mode!r}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "until": self.until, "reason": self.reason, "since": self.since}
+
+
 # Plain module names for the request path: an enum member looked up on its class costs more.
 _CLOSED, _OPEN, _HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -40,6 +71,10 @@ class BreakerSnapshot:
     version: int = 0
     open_seconds: float | None = None
     """Length of the current open period when it differs from the policy's (backoff)."""
+    manual: ManualMode | None = None
+    """The operator's override, if any."""
+    cause: str | None = None
+    """Why the last transition happened (`failure_threshold`, `manual`, ...)."""
 
 
 class Permit:
@@ -58,8 +93,14 @@ class Permit:
         self.lease: str | None = None  # fleet-wide probe slot held for this call, if any
 
 
+# Called after every change of the breaker's reported state. `breaker.last_from`,
+# `breaker.last_to`, `breaker.last_cause` and `breaker.last_reason` describe it.
 TransitionListener = Callable[["CircuitBreaker", CircuitState], None]
 ProbeListener = Callable[["CircuitBreaker", Permit], None]
+
+
+_FREE_PASS = Permit(-1, False, 0.0)
+_FREE_PASS.done = True  # a call let through by a manual mode: its outcome counts for nothing
 
 
 class CircuitBreaker:
@@ -77,11 +118,21 @@ class CircuitBreaker:
         "_random",
         "_slow",
         "_window",
+        "calls_failure",
+        "calls_ignored",
+        "calls_rejected",
+        "calls_slow",
+        "calls_success",
         "clock",
         "failure_codes",
         "failure_count",
         "generation",
+        "last_cause",
         "last_failure_time",
+        "last_from",
+        "last_reason",
+        "last_to",
+        "manual",
         "name",
         "on_probe_done",
         "on_transition",
@@ -126,6 +177,14 @@ class CircuitBreaker:
         self._window = RollingWindow(policy.window_seconds)
         self._slow = policy.slow_call_seconds
         self.failure_codes = policy.failure_status_codes  # HTTP statuses that are failures
+        self.manual: ManualMode | None = None
+        # Totals since start, by outcome (OUTCOMES): read by metrics at scrape time.
+        self.calls_success = self.calls_failure = self.calls_slow = 0
+        self.calls_rejected = self.calls_ignored = 0
+        # The last change of the reported state: from, to, why (see TransitionListener).
+        self.last_from = self.last_to = CircuitState.CLOSED.value
+        self.last_cause: str | None = None
+        self.last_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name} {self.state.value} gen={self.generation}>"
@@ -135,15 +194,34 @@ class CircuitBreaker:
     def acquire(self) -> Permit | None:
         """A permit for one call, or None when the call must be rejected."""
         state = self.state
-        if state is _CLOSED:
+        if state is _CLOSED and self.manual is None:
             # The clock is read only when a slow-call rule needs the start time.
             started = 0.0 if self._slow is None else self.clock()
             return Permit(self.generation, False, started)
         now = self.clock()
+        manual = self.manual
+        if manual is not None:
+            if manual.until is not None and now >= manual.until:
+                self.set_manual(None, "manual_expired")
+            elif manual.mode == "forced_open":
+                self.calls_rejected += 1
+                return None
+            elif manual.mode == "disabled":
+                return _FREE_PASS
+            else:  # metrics_only: the state machine runs, but nothing is rejected
+                return self._automatic_acquire(self.state, now) or _FREE_PASS
+        permit = self._automatic_acquire(self.state, now)
+        if permit is None:
+            self.calls_rejected += 1
+        return permit
+
+    def _automatic_acquire(self, state: CircuitState, now: float) -> Permit | None:
+        if state is _CLOSED:
+            return Permit(self.generation, False, now)
         if state is _OPEN:
             if now < self.open_until:
                 return None
-            self._transition(_HALF_OPEN, now)
+            self._transition(_HALF_OPEN, now, "timeout_elapsed")
         if self._in_flight >= self.policy.half_open_max_calls or now < self._probe_hold_until:
             return None
         self._in_flight += 1
@@ -155,23 +233,29 @@ class CircuitBreaker:
             return
         permit.done = True
         if permit.generation != self.generation:
+            self.calls_ignored += 1  # started before a transition: says nothing of this state
             self._probe_done(permit)
             return
         now = self.clock()
         slow = self._slow
-        if slow is not None and not failed and now - permit.started > slow:
-            failed = True
+        slow_call = slow is not None and not failed and now - permit.started > slow
         if permit.probe:
             self._in_flight -= 1
             self._probe_done(permit)
-        if failed:
-            self._on_failure(now)
+        if slow_call:
+            self.calls_slow += 1
+            self._on_failure(now, "slow_calls")
+        elif failed:
+            self.calls_failure += 1
+            self._on_failure(now, None)
         elif self.state is _CLOSED:
             # The common case, inline: a success on a closed breaker.
+            self.calls_success += 1
             self.success_count += 1
             self.failure_count = 0
             self._window.record(now, False)
         else:
+            self.calls_success += 1
             self._on_success(now)
 
     def release(self, permit: Permit) -> None:
@@ -179,9 +263,18 @@ class CircuitBreaker:
         if permit.done:
             return
         permit.done = True
+        self.calls_ignored += 1
         if permit.probe and permit.generation == self.generation:
             self._in_flight -= 1
         self._probe_done(permit)
+
+    def refuse(self, permit: Permit) -> None:
+        """Take back a permit whose call is rejected after all (no fleet-wide probe slot)."""
+        if permit.done:
+            return
+        self.release(permit)
+        self.calls_ignored -= 1
+        self.calls_rejected += 1
 
     def hold_probes(self, seconds: float) -> None:
         """Let no probe through for `seconds`: another instance holds the probe slots."""
@@ -193,6 +286,13 @@ class CircuitBreaker:
 
     def retry_after(self) -> float:
         """Seconds until a call may be let through again (0 when it may be now)."""
+        manual = self.manual
+        if manual is not None:
+            if manual.mode != "forced_open":
+                return 0.0
+            if manual.until is None:
+                return max(self.policy.timeout_seconds, 1.0)  # no end known: ask again later
+            return max(0.0, manual.until - self.clock())
         if self.state is _OPEN:
             return max(0.0, self.open_until - self.clock())
         if self.state is _HALF_OPEN:
@@ -214,27 +314,29 @@ class CircuitBreaker:
         self.failure_count = 0
         if self.state is CircuitState.HALF_OPEN:
             if self.success_count >= self.policy.success_threshold:
-                self._transition(CircuitState.CLOSED, now)
+                self._transition(CircuitState.CLOSED, now, "probe_succeeded")
         else:
             self._window.record(now, False)
 
-    def _on_failure(self, now: float) -> None:
+    def _on_failure(self, now: float, cause: str | None) -> None:
         self.failure_count += 1
         self.success_count = 0
         self.last_failure_time = now
         if self.state is CircuitState.HALF_OPEN:
-            self._transition(CircuitState.OPEN, now)
+            self._transition(CircuitState.OPEN, now, "probe_failed")
             return
         window = self._window
         window.record(now, True)
         policy = self.policy
-        if self.failure_count >= policy.failure_threshold or (
+        if self.failure_count >= policy.failure_threshold:
+            self._transition(CircuitState.OPEN, now, cause or "failure_threshold")
+        elif (
             window.calls >= policy.min_calls
             and window.failures >= policy.error_rate_threshold * window.calls
         ):
-            self._transition(CircuitState.OPEN, now)
+            self._transition(CircuitState.OPEN, now, cause or "error_rate")
 
-    def _transition(self, state: CircuitState, now: float) -> None:
+    def _transition(self, state: CircuitState, now: float, cause: str) -> None:
         previous = self.state
         self.state = state
         self.generation += 1
@@ -253,8 +355,83 @@ class CircuitBreaker:
             self.failure_count = 0
             self.success_count = 0
             self._window.reset()
+        self._notify(previous, previous.value, state.value, cause, None)
+
+    def _notify(
+        self, previous: CircuitState, old: str, new: str, cause: str, reason: str | None
+    ) -> None:
+        self.last_from, self.last_to, self.last_cause, self.last_reason = old, new, cause, reason
         if self.on_transition is not None:
             self.on_transition(self, previous)
+
+    @property
+    def effective_state(self) -> str:
+        """The reported state: the manual mode when one is set, else the automatic state."""
+        manual = self.manual
+        return self.state.value if manual is None else manual.mode
+
+    def window_counts(self, now: float | None = None) -> tuple[int, int]:
+        """(calls, failures) in the rolling window."""
+        return self._window.counts(self.clock() if now is None else now)
+
+    def failure_rate(self, now: float | None = None) -> float | None:
+        """The rolling window's failure ratio; None until `min_calls` calls are in it."""
+        calls, failures = self.window_counts(now)
+        if calls < self.policy.min_calls or calls == 0:
+            return None
+        return failures / calls
+
+    # -- operator commands -----------------------------------------------------------------
+
+    def set_manual(self, manual: ManualMode | None, cause: str, reason: str | None = None) -> None:
+        """Put the breaker in a manual mode (None lifts it). Calls in flight count for nothing."""
+        old = self.effective_state
+        self.manual = manual
+        self._forget_in_flight()
+        self._notify(self.state, old, self.effective_state, cause, reason)
+
+    def expire_manual(self) -> bool:
+        """End a timed manual mode whose time is up. Returns whether it ended."""
+        manual = self.manual
+        if manual is None or manual.until is None or self.clock() < manual.until:
+            return False
+        self.set_manual(None, "manual_expired")
+        return True
+
+    def reset(self, reason: str | None = None) -> None:
+        """Start over: closed, counters and window cleared, any manual mode lifted."""
+        old = self.effective_state
+        previous = self.state
+        self.state = CircuitState.CLOSED
+        self.manual = None
+        self.failure_count = self.success_count = 0
+        self.last_failure_time = None
+        self.opened_at = None
+        self.open_until = 0.0
+        self.open_seconds = self.policy.timeout_seconds
+        self._window.reset()
+        self._forget_in_flight()
+        self._notify(previous, old, CircuitState.CLOSED.value, "reset", reason)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Apply a new policy now. A changed window length restarts the rolling window."""
+        if policy.window_seconds != self.policy.window_seconds:
+            self._window = RollingWindow(policy.window_seconds)
+        self.policy = policy
+        self._slow = policy.slow_call_seconds
+        self.failure_codes = policy.failure_status_codes
+        if self.state is not CircuitState.OPEN:
+            self.open_seconds = policy.timeout_seconds
+        elif self.opened_at is not None:
+            # A shorter timeout shortens the current open period too.
+            longest = policy.max_timeout_seconds or policy.timeout_seconds
+            self.open_seconds = min(self.open_seconds, longest)
+            self.open_until = self.opened_at + self.open_seconds
+
+    def _forget_in_flight(self) -> None:
+        self.generation += 1
+        self._in_flight = 0
+        self._probe_hold_until = 0.0
 
     def _next_open_seconds(self, previous: CircuitState) -> float:
         """The policy's timeout; with backoff, doubled (with jitter) on each failed probe."""
@@ -278,6 +455,8 @@ class CircuitBreaker:
             open_seconds=(
                 self.open_seconds if self.open_seconds != self.policy.timeout_seconds else None
             ),
+            manual=self.manual,
+            cause=self.last_cause,
         )
 
     def restore(self, snapshot: BreakerSnapshot) -> bool:
@@ -286,8 +465,10 @@ class CircuitBreaker:
         On a change, calls in flight count for nothing afterwards. No transition is reported:
         this transition is already the fleet's.
         """
-        changed = snapshot.state is not self.state
+        changed = snapshot.state is not self.state or snapshot.manual != self.manual
+        old, previous = self.effective_state, self.state
         self.state = snapshot.state
+        self.manual = snapshot.manual
         self.failure_count = snapshot.failure_count
         self.success_count = snapshot.success_count
         self.last_failure_time = snapshot.last_failure_time
@@ -298,9 +479,12 @@ class CircuitBreaker:
             start = snapshot.opened_at if snapshot.opened_at is not None else self.clock()
             self.open_until = start + self.open_seconds
         if changed:
-            self.generation += 1
-            self._in_flight = 0
-            self._probe_hold_until = 0.0
+            self._forget_in_flight()
             if snapshot.state is CircuitState.CLOSED:
                 self._window.reset()
+            self.last_from, self.last_to = old, self.effective_state
+            metrics_only = self.manual is not None and self.manual.mode == "metrics_only"
+            if metrics_only and old == self.last_to:
+                self.last_from, self.last_to = previous.value, snapshot.state.value
+            self.last_cause, self.last_reason = snapshot.cause or "restored", None
         return changed

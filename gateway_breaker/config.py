@@ -11,7 +11,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -29,6 +37,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 ENV_ALIASES = {
     "REDIS_URL": ("redis", "url"),
     "CIRCUIT_BREAKER_ENABLED": ("circuit_breaker", "enabled"),
+    "GATEWAY_BREAKER_ADMIN_TOKEN": ("admin", "token"),
 }
 
 _yaml_path: ContextVar[Path | None] = ContextVar("gateway_breaker_yaml_path", default=None)
@@ -179,6 +188,47 @@ class CircuitBreakerSettings(BaseModel):
         return {(s.prefix or f"/{name}"): name for name, s in self.services.items()}
 
 
+def _check_mount_path(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in "?#* \t"):
+        raise ValueError(f"must be a path starting with '/': {value!r}")
+    return value.rstrip("/") or "/"
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus metrics served by the middleware (off unless enabled)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    path: str = "/metrics"
+
+    _check_path = field_validator("path")(classmethod(lambda cls, v: _check_mount_path(v)))
+
+
+class AdminSettings(BaseModel):
+    """The admin API and dashboard, served under `path` only when `token` is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr | None = None
+    """Bearer token every admin call must carry (env GATEWAY_BREAKER_ADMIN_TOKEN)."""
+    path: str = "/_breakers"
+
+    _check_path = field_validator("path")(classmethod(lambda cls, v: _check_mount_path(v)))
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _check_token(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, str | SecretStr):
+            raise ValueError("must be a string")
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if len(text) < 16:
+            raise ValueError("must be at least 16 characters")  # never echo the value
+        return value
+
+
 class _EnvAliasSource(PydanticBaseSettingsSource):
     """Reads the seed's flat names (REDIS_URL, CIRCUIT_BREAKER_ENABLED) into nested fields."""
 
@@ -212,6 +262,8 @@ class Config(BaseSettings):
 
     redis: RedisSettings = RedisSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    admin: AdminSettings = AdminSettings()
 
     def __init__(self, **values: Any) -> None:
         try:

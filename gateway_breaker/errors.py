@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 # Inputs of these fields may carry secrets and are never echoed in an error.
-_SECRET_FIELDS = ("url", "password", "sentinel_password")
+_SECRET_FIELDS = ("url", "password", "sentinel_password", "token")
 # Anything shaped like credentials before an '@' (user:password@), in a URL or a broken one.
 _CREDENTIALS = re.compile(r"[^\s@'\"]*:[^\s@'\"]*@")
 
@@ -57,4 +57,19 @@ class CircuitOpenError(GatewayBreakerError):
 
 
 class StoreError(GatewayBreakerError):
-    """A state store operation failed (wraps the client's own error)."""
+    """A state store operation failed (wraps the client's own error).
+
+    `operation` names what failed (`write`, `load`, `probe`, ...), for metrics.
+    """
+
+    def __init__(self, message: str, operation: str = "store") -> None:
+        super().__init__(message)
+        self.operation = operation
+
+
+class PolicyError(ConfigError):
+    """A policy change was refused; `errors` lists `{"field", "message"}` for each problem."""
+
+    def __init__(self, message: str, errors: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.errors = errors

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import itertools
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from gateway_breaker.breaker import CircuitBreaker, CircuitState, Clock, Permit
+from pydantic import ValidationError
+
+from gateway_breaker.breaker import (
+    MANUAL_MODES,
+    CircuitBreaker,
+    CircuitState,
+    Clock,
+    ManualMode,
+    Permit,
+)
 from gateway_breaker.config import Config, check_service_name
-from gateway_breaker.errors import CircuitOpenError, ConfigError
+from gateway_breaker.errors import CircuitOpenError, ConfigError, PolicyError
+from gateway_breaker.policy import Policy
+from gateway_breaker.views import (
+    MANUAL_CAUSES,
+    BreakerView,
+    FleetView,
+    InstanceView,
+    TransitionEvent,
+)
 
 if TYPE_CHECKING:
     from gateway_breaker.store.base import StateStore
@@ -18,6 +42,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 logger = logging.getLogger("gateway_breaker")
+
+RECENT_EVENTS = 1000  # events kept for `events(after=...)` replays
+HISTORY_PER_BREAKER = 100  # in-memory history (the Redis stream keeps more)
+SUBSCRIBER_QUEUE = 1000  # a subscriber that falls this far behind loses its oldest events
+TransitionCallback = Callable[[TransitionEvent], object]
 
 
 class CircuitBreakerManager:
@@ -34,16 +63,46 @@ class CircuitBreakerManager:
         *,
         store: StateStore | None = None,
         clock: Clock | None = None,
+        register: bool = True,
     ) -> None:
         self.config = config if config is not None else Config()
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.started_at = (clock or time.time)()
+        self.transition_counts: dict[tuple[str, str, str, str], int] = {}
+        self._overrides: dict[str, dict[str, Any]] = {}  # service -> live policy fields
+        self._listeners: list[TransitionCallback] = []
+        self._subscribers: set[asyncio.Queue[TransitionEvent]] = set()
+        self._recent: deque[TransitionEvent] = deque(maxlen=RECENT_EVENTS)
+        self._history: dict[str, deque[TransitionEvent]] = {}
+        self._event_ids = itertools.count(1)
         self._sync: StateSync | None = None
         if store is not None:
             from gateway_breaker.sync import StateSync
 
-            self._sync = StateSync(store, self, self.config.redis)
+            self._sync = StateSync(store, self, self.config.redis, register=register)
         self._started = False
+
+    @classmethod
+    def from_config(
+        cls, config: Config | None = None, *, clock: Clock | None = None, register: bool = True
+    ) -> CircuitBreakerManager:
+        """A manager with the store the config names (Redis when `redis.url` is set and
+        breakers are enabled, else memory). Not started: `await manager.start()`.
+
+        `register=False` keeps it out of the fleet view (for short-lived tools like the CLI).
+        """
+        config = config if config is not None else Config()
+        if config.redis.url is None or not config.circuit_breaker.enabled:
+            return cls(config, clock=clock)
+        from gateway_breaker.store.redis import RedisStateStore
+
+        # The store reads the same clock as the breakers, to translate times to Redis's clock.
+        store = RedisStateStore(config.redis, clock=clock or time.time)
+        return cls(config, store=store, clock=clock, register=register)
 
     @classmethod
     def new(cls, config: Config | None = None) -> CircuitBreakerManager:
@@ -69,6 +128,208 @@ class CircuitBreakerManager:
         manager = cls(config, store=store, clock=clock)
         await manager.start()
         return manager
+
+    # -- what operators see ----------------------------------------------------------------
+
+    @property
+    def store_kind(self) -> str:
+        return "memory" if self._sync is None else "redis"
+
+    @property
+    def store_up(self) -> bool | None:
+        """None in memory; whether the store is reachable otherwise."""
+        return None if self._sync is None else self._sync.connected
+
+    @property
+    def store_errors(self) -> Mapping[str, int]:
+        """Failed store operations by kind (`write`, `load`, `probe`, ...) since start."""
+        return {} if self._sync is None else dict(self._sync.errors)
+
+    def services(self) -> list[str]:
+        """Every service with a breaker (configured ones are created at start), sorted."""
+        return sorted({*self.config.circuit_breaker.services, *self._breakers})
+
+    def view(self, service: str) -> BreakerView:
+        """The breaker of `service` as this instance sees it. KeyError if it has none."""
+        breaker = self._known(service)
+        return BreakerView.of(breaker, policy_overridden=service in self._overrides)
+
+    def views(self) -> list[BreakerView]:
+        return [self.view(name) for name in sorted(self._breakers)]
+
+    def on_transition(self, callback: TransitionCallback) -> Callable[[], None]:
+        """Call `callback(event)` after every transition (soon after, never on the request
+        path). Returns a function that unsubscribes it."""
+        self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(callback)
+
+        return unsubscribe
+
+    async def events(self, after: int | None = None) -> AsyncIterator[TransitionEvent]:
+        """Transitions as they happen. With `after`, first the buffered events newer than it.
+
+        A subscriber that falls more than SUBSCRIBER_QUEUE events behind loses the oldest.
+        """
+        queue: asyncio.Queue[TransitionEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        if after is not None:
+            for event in self._recent:
+                if event.id > after:
+                    queue.put_nowait(event)
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    async def history(self, service: str, limit: int = 50) -> list[TransitionEvent]:
+        """Transitions of `service`, newest first: the fleet's (Redis) or this instance's."""
+        self._known(service)
+        limit = max(1, min(int(limit), 1000))
+        if self._sync is not None and self._sync.connected:
+            return await self._sync.history(service, limit)
+        return list(reversed(self._history.get(service, ())))[:limit]
+
+    async def fleet(self) -> FleetView:
+        """Every live instance and its view of each breaker, and what the store holds."""
+        if self._sync is not None:
+            return await self._sync.fleet()
+        return FleetView(instances=[self.instance_view()], store={})
+
+    def instance_view(self) -> InstanceView:
+        from gateway_breaker import __version__
+
+        return InstanceView(
+            id=self.instance_id,
+            host=self.host,
+            pid=self.pid,
+            started_at=self.started_at,
+            last_seen=(self._clock or time.time)(),
+            version=__version__,
+            breakers={n: (b.effective_state, b.version) for n, b in self._breakers.items()},
+        )
+
+    # -- what operators do (fleet-wide with Redis) -----------------------------------------
+
+    async def set_manual(
+        self, service: str, mode: str, *, seconds: float | None = None, reason: str | None = None
+    ) -> BreakerView:
+        """Put `service` in a manual mode, fleet-wide; `seconds` ends it by itself.
+
+        With Redis the change is written before this returns; if Redis is unreachable it
+        applies here, is written when Redis returns, and `StoreError` says so.
+        """
+        if mode not in MANUAL_MODES:
+            raise PolicyError(
+                f"mode: must be one of {', '.join(MANUAL_MODES)}",
+                [{"field": "mode", "message": f"must be one of {', '.join(MANUAL_MODES)}"}],
+            )
+        if seconds is not None and not 0 < seconds <= 366 * 86_400:
+            raise PolicyError(
+                "seconds: must be > 0 and at most a year",
+                [{"field": "seconds", "message": "must be > 0 and at most a year"}],
+            )
+        breaker = self._known(service)
+        now = breaker.clock()
+        until = None if seconds is None else now + seconds
+        breaker.set_manual(ManualMode(mode, until, reason, since=now), "manual", reason)
+        await self._commit(service)
+        return self.view(service)
+
+    async def clear_manual(self, service: str, *, reason: str | None = None) -> BreakerView:
+        """Lift the manual mode of `service`: the automatic state machine decides again."""
+        breaker = self._known(service)
+        if breaker.manual is not None:
+            breaker.set_manual(None, "manual_released", reason)
+            await self._commit(service)
+        return self.view(service)
+
+    async def reset(self, service: str, *, reason: str | None = None) -> BreakerView:
+        """Start `service` over, fleet-wide: closed, counters cleared, manual mode lifted."""
+        self._known(service).reset(reason)
+        await self._commit(service)
+        return self.view(service)
+
+    async def set_policy(
+        self, service: str, fields: Mapping[str, Any], *, reason: str | None = None
+    ) -> BreakerView:
+        """Change policy fields of `service` fleet-wide, without a restart. Raises
+        `PolicyError` naming the field; kept in Redis until `clear_policy`."""
+        self._known(service)
+        override = {**self._overrides.get(service, {}), **fields}
+        self.policy_for(service, override)  # validates
+        if self._sync is not None:
+            await self._sync.store_policy(service, override)
+        self.apply_policy(service, override, reason=reason)
+        return self.view(service)
+
+    async def clear_policy(self, service: str, *, reason: str | None = None) -> BreakerView:
+        """Return `service` to the configured policy, fleet-wide."""
+        self._known(service)
+        if self._sync is not None:
+            await self._sync.store_policy(service, None)
+        self.apply_policy(service, None, reason=reason)
+        return self.view(service)
+
+    def policy_for(self, service: str, override: Mapping[str, Any] | None = None) -> Policy:
+        """The configured policy of `service` with `override` (default: the live one) on top."""
+        base = self.config.policy(service)
+        fields = self._overrides.get(service) if override is None else override
+        if not fields:
+            return base
+        allowed = set(Policy.model_fields)
+        errors = [
+            {"field": str(name), "message": "unknown policy field"}
+            for name in fields
+            if name not in allowed
+        ]
+        if not errors:
+            try:
+                return type(base)(**{**base.model_dump(exclude_unset=True), **fields})
+            except ValidationError as exc:
+                for error in exc.errors():
+                    where = ".".join(str(part) for part in error["loc"]) or "policy"
+                    errors.append({"field": where, "message": error["msg"]})
+        text = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise PolicyError(text, errors)
+
+    def apply_policy(
+        self, service: str, override: Mapping[str, Any] | None, *, reason: str | None = None
+    ) -> bool:
+        """Apply a live policy override (None: back to the configured policy) on this instance.
+        Returns whether it changed anything. For the store's sync and the commands above."""
+        current = self._overrides.get(service)
+        new = dict(override) if override else None
+        if new == current:
+            return False
+        try:
+            policy = self.policy_for(service, new or {})
+        except PolicyError as exc:
+            logger.warning("Ignoring unusable policy override (service=%s, error=%s)", service, exc)
+            return False
+        if new is None:
+            self._overrides.pop(service, None)
+        else:
+            self._overrides[service] = new
+        breaker = self._breakers.get(service)
+        if breaker is not None:
+            breaker.set_policy(policy)
+            state = breaker.effective_state
+            self._emit(breaker, state, state, "policy", reason, "manual")
+        return True
+
+    async def _commit(self, service: str) -> None:
+        if self._sync is not None:
+            await self._sync.write_now(service)
+
+    def _known(self, service: str) -> CircuitBreaker:
+        breaker = self._breakers.get(service)
+        if breaker is None:
+            raise KeyError(service)
+        return breaker
 
     # -- breakers --------------------------------------------------------------------------
 
@@ -97,20 +358,89 @@ class CircuitBreakerManager:
         }
         if self._clock is not None:
             kwargs["clock"] = self._clock
-        breaker = CircuitBreaker(service, self.config.policy(service), **kwargs)
+        breaker = CircuitBreaker(service, self.policy_for(service), **kwargs)
         self._breakers[service] = breaker
         return breaker
 
     def _on_transition(self, breaker: CircuitBreaker, previous: CircuitState) -> None:
-        logger.debug(
-            "Circuit breaker transition (service=%s, from=%s, to=%s, failure_count=%d)",
-            breaker.name,
-            previous.value,
-            breaker.state.value,
-            breaker.failure_count,
+        cause = breaker.last_cause or "unknown"
+        origin = "manual" if cause in MANUAL_CAUSES else "local"
+        event = self._emit(
+            breaker, breaker.last_from, breaker.last_to, cause, breaker.last_reason, origin
         )
         if self._sync is not None:
+            self._sync.queue_history(breaker.name, event)
             self._sync.mark_dirty(breaker.name)
+
+    def adopted(self, breaker: CircuitBreaker) -> None:
+        """The store's sync adopted another instance's state for `breaker` (origin fleet)."""
+        self._emit(
+            breaker,
+            breaker.last_from,
+            breaker.last_to,
+            breaker.last_cause or "restored",
+            breaker.last_reason,
+            "fleet",
+        )
+
+    def _emit(
+        self,
+        breaker: CircuitBreaker,
+        old: str,
+        new: str,
+        cause: str,
+        reason: str | None,
+        origin: str,
+    ) -> TransitionEvent:
+        """Count, keep and announce one transition. O(1): it may run on the request path."""
+        now = breaker.clock()
+        rate = breaker.failure_rate(now)
+        event = TransitionEvent(
+            service=breaker.name,
+            at=now,
+            from_state=old,
+            to_state=new,
+            cause=cause,
+            origin=origin,
+            instance=self.instance_id,
+            version=breaker.version,
+            failure_count=breaker.failure_count,
+            failure_rate=rate,
+            reason=reason,
+            id=next(self._event_ids),
+        )
+        logger.debug(
+            "Circuit breaker transition (service=%s, from=%s, to=%s, failure_count=%d,"
+            " cause=%s, origin=%s)",
+            breaker.name,
+            old,
+            new,
+            breaker.failure_count,
+            cause,
+            origin,
+        )
+        key = (breaker.name, old, new, origin)
+        self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
+        self._recent.append(event)
+        ring = self._history.get(breaker.name)
+        if ring is None:
+            ring = self._history[breaker.name] = deque(maxlen=HISTORY_PER_BREAKER)
+        ring.append(event)
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()  # the slowest subscriber loses its oldest event
+            queue.put_nowait(event)
+        if self._listeners:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            for callback in list(self._listeners):
+                if loop is None:
+                    _run_listener(callback, event)
+                else:
+                    loop.call_soon(_run_listener, callback, event)
+        return event
 
     def _on_probe_done(self, breaker: CircuitBreaker, permit: Permit) -> None:
         if self._sync is not None and permit.lease is not None:
@@ -207,3 +537,17 @@ class CircuitBreakerManager:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+_listener_tasks: set[asyncio.Future[object]] = set()
+
+
+def _run_listener(callback: TransitionCallback, event: TransitionEvent) -> None:
+    try:
+        result = callback(event)
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            _listener_tasks.add(task)
+            task.add_done_callback(_listener_tasks.discard)
+    except Exception:
+        logger.exception("Circuit breaker transition listener failed (service=%s)", event.service)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,6 +14,9 @@ from gateway_breaker.breaker import CircuitBreaker
 from gateway_breaker.config import Config, check_service_name
 from gateway_breaker.manager import CircuitBreakerManager
 from gateway_breaker.routing import RouteTable
+
+if TYPE_CHECKING:
+    from gateway_breaker.metrics import MetricsApp
 
 logger = logging.getLogger("gateway_breaker")
 
@@ -41,12 +45,8 @@ class CircuitBreakerMiddleware:
         self.enabled = config.circuit_breaker.enabled
         self._owns_manager = manager is None
         if manager is None:
-            if self.enabled and config.redis.url is not None:
-                from gateway_breaker.store.redis import RedisStateStore
-
-                manager = CircuitBreakerManager(config, store=RedisStateStore(config.redis))
-            else:
-                manager = CircuitBreakerManager(config)
+            # The manager picks its store from the config: the middleware knows nothing of Redis.
+            manager = CircuitBreakerManager.from_config(config)
         self.manager = manager
         self.routes = RouteTable(routes if routes is not None else config.circuit_breaker.routes())
         for service in self.routes.services():
@@ -54,9 +54,20 @@ class CircuitBreakerMiddleware:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._start_pending = self._owns_manager
         self._started: asyncio.Task[None] | None = None
+        self._metrics: MetricsApp | None = None
+        if config.metrics.enabled:
+            from gateway_breaker.metrics import metrics_app
+
+            self._metrics = metrics_app(manager, path=config.metrics.path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self._metrics
+        if metrics is not None and scope.get("path") == metrics.path:  # before any prefix
+            await metrics(scope, receive, send)
+            return
         if scope["type"] != "http" or not self.enabled:
+            if metrics is not None and scope["type"] == "lifespan":
+                receive = metrics.watch_lifespan(receive)  # several workers: the exporter
             if scope["type"] == "lifespan" and self.enabled:
                 await self._lifespan(scope, receive, send)
                 return
@@ -143,7 +154,7 @@ class CircuitBreakerMiddleware:
 
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:
     retry_after = breaker.retry_after_header()
-    name, state = breaker.name, breaker.state.value
+    name, state = breaker.name, breaker.effective_state
     # Service names are validated (letters, digits, '_', '.', '-'): nothing to escape.
     body = (
         '{"type":"about:blank","title":"Service Unavailable","status":503,'
@@ -159,6 +170,7 @@ async def _reject(breaker: CircuitBreaker, send: Send) -> None:
                 (b"content-length", str(len(body)).encode()),
                 (b"retry-after", str(retry_after).encode()),
                 (b"cache-control", b"no-store"),
+                (b"x-circuit-breaker", state.encode()),  # tells breaker 503s from upstream 503s
             ],
         }
     )

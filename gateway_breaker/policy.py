@@ -109,6 +109,10 @@ class Policy(BaseModel):
             # 100 codes read better as the ranges they were written as.
             yield name, _ranges(value) if name == "failure_status_codes" else value
 
+    def status_code_ranges(self) -> str:
+        """`failure_status_codes` as ranges: `"429,500-599"`."""
+        return _ranges(self.failure_status_codes)
+
     def is_failure_status(self, status: int) -> bool:
         return status in self.failure_status_codes
 

@@ -13,7 +13,6 @@ import itertools
 import logging
 import random
 import time
-import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ from gateway_breaker.breaker import BreakerSnapshot, CircuitBreaker, CircuitStat
 from gateway_breaker.config import RedisSettings
 from gateway_breaker.errors import StoreError
 from gateway_breaker.store.base import StateStore
+from gateway_breaker.views import FleetView, TransitionEvent
 
 if TYPE_CHECKING:
     from gateway_breaker.manager import CircuitBreakerManager
@@ -34,6 +34,10 @@ MAX_BACKOFF_SECONDS = 5.0
 FIRST_LOAD_TIMEOUT_SECONDS = 0.25
 # The one round trip a request may wait on: taking a fleet-wide probe slot.
 PROBE_LEASE_TIMEOUT_SECONDS = 0.25
+# An operator's command waits at most this long for its write to reach Redis.
+COMMAND_TIMEOUT_SECONDS = 2.0
+# Transitions kept for the history while they wait for their write (Redis down, say).
+PENDING_HISTORY = 50
 
 
 class StateSync:
@@ -45,11 +49,20 @@ class StateSync:
     """
 
     def __init__(
-        self, store: StateStore, manager: CircuitBreakerManager, settings: RedisSettings
+        self,
+        store: StateStore,
+        manager: CircuitBreakerManager,
+        settings: RedisSettings,
+        *,
+        register: bool = True,
     ) -> None:
         self.store = store
         self._manager = manager
+        self._register = register
         self._interval = settings.sync_interval_seconds
+        self.errors: dict[str, int] = {}  # failed store operations by kind
+        self._pending_history: dict[str, list[TransitionEvent]] = {}
+        self._policies_to_load: set[str] = set()
         self._dirty: set[str] = set()
         self._to_load: set[str] = set()
         self._writing: set[str] = set()  # services whose write is in flight
@@ -57,7 +70,7 @@ class StateSync:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._tokens = itertools.count()
-        self._instance = uuid.uuid4().hex[:12]
+        self._instance = manager.instance_id
         self.connected = False
         self._outage_logged = False
         self._closing = False
@@ -75,6 +88,61 @@ class StateSync:
     def free_probe(self, service: str, token: str) -> None:
         self._leases_to_free.add((service, token))
         self._wake.set()
+
+    def queue_history(self, service: str, event: TransitionEvent) -> None:
+        """Keep a local transition for the history; it rides in the service's next write."""
+        pending = self._pending_history.setdefault(service, [])
+        pending.append(event)
+        if len(pending) > PENDING_HISTORY:
+            del pending[0]
+
+    # -- operators' commands (awaited by the admin API and the CLI, never by a request) -----
+
+    async def write_now(self, service: str) -> None:
+        """Wait until `service`'s local change is in Redis (bounded). Raises StoreError when
+        Redis is unreachable: the change stays applied here and is written on reconnect."""
+        self._wake.set()
+        deadline = time.monotonic() + COMMAND_TIMEOUT_SECONDS
+        while self._unsent(service):
+            if not self.connected or time.monotonic() > deadline:
+                raise StoreError(
+                    "Redis unreachable: applied on this instance only; it reaches the fleet"
+                    " when Redis returns",
+                    "command",
+                )
+            await self._sleep(0.002)
+
+    async def store_policy(self, service: str, fields: dict[str, object] | None) -> None:
+        """Store (None: delete) a live policy override and announce it."""
+        if not self.connected:
+            raise StoreError("Redis unreachable: the policy change was not applied", "policy")
+        try:
+            await self.store.write_policy(service, fields, self._instance)
+        except StoreError as exc:
+            self._lost(exc)
+            raise
+
+    async def history(self, service: str, limit: int) -> list[TransitionEvent]:
+        try:
+            return await self.store.history(service, limit)
+        except StoreError as exc:
+            self._lost(exc)
+            raise
+
+    async def fleet(self) -> FleetView:
+        if not self.connected:
+            return FleetView(instances=[self._manager.instance_view()], store={})
+        try:
+            instances = await self.store.instances()
+            names = self._manager.services()
+            stored = await self.store.load(names)
+        except StoreError as exc:
+            self._lost(exc)
+            raise
+        return FleetView(
+            instances=instances,
+            store={name: (_effective(snap), snap.version) for name, snap in stored.items()},
+        )
 
     # -- the one bounded round trip a request may take -------------------------------------
 
@@ -104,9 +172,9 @@ class StateSync:
             permit.lease = token
             if permit.generation == breaker.generation:
                 return True
-            breaker.release(permit)  # the fleet moved on while we asked; frees the slot
+            breaker.refuse(permit)  # the fleet moved on while we asked; frees the slot
             return False
-        breaker.release(permit)
+        breaker.refuse(permit)
         breaker.hold_probes(wait)
         return False
 
@@ -119,6 +187,7 @@ class StateSync:
             logger.debug(
                 "Circuit breaker Redis persistence enabled (url=%s)", self.store.describe()
             )
+            await self._load_policies(services)
             await self._reconcile(services)
         except StoreError as exc:
             self._lost(exc)
@@ -199,9 +268,19 @@ class StateSync:
                 while self._leases_to_free:
                     service, token = self._leases_to_free.pop()
                     await self.store.release_probe(service, token)
+                if self._policies_to_load:
+                    names, self._policies_to_load = list(self._policies_to_load), set()
+                    await self._load_policies(names)
                 if time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + self._interval
+                    for breaker in self._manager.breakers().values():
+                        breaker.expire_manual()  # a timed mode ends even with no traffic
                     await self._reconcile(list(self._manager.breakers()))
+                    await self._load_policies(list(self._manager.breakers()))
+                    if self._register:
+                        await self.store.register(
+                            self._manager.instance_view(), ttl=max(5.0, 3 * self._interval)
+                        )
             except StoreError as exc:
                 self._lost(exc)
 
@@ -218,9 +297,14 @@ class StateSync:
                         # (Re)subscribed: what was announced while cut off is lost; re-read.
                         backoff = 0.05
                         self._to_load.update(self._manager.breakers())
+                        self._policies_to_load.update(self._manager.breakers())
                         self._wake.set()
+                    elif event[1] is None:
+                        if self._manager.find(event[0]) is not None:
+                            self._policies_to_load.add(event[0])  # a live policy change
+                            self._wake.set()
                     else:
-                        self._apply(*event)
+                        self._apply(event[0], event[1])
             except StoreError as exc:
                 logger.debug("Circuit breaker event subscription lost: %s", exc)
             await self._sleep(backoff * random.uniform(0.5, 1.5))
@@ -253,6 +337,7 @@ class StateSync:
             await self.store.connect()
             self.connected = True
             # Whatever happened meanwhile: adopt what others stored, write what we changed.
+            await self._load_policies(list(self._manager.breakers()))
             await self._reconcile(list(self._manager.breakers()))
         except StoreError as exc:
             self.connected = False
@@ -267,6 +352,7 @@ class StateSync:
         return True
 
     def _lost(self, exc: StoreError, service: str | None = None) -> None:
+        self.errors[exc.operation] = self.errors.get(exc.operation, 0) + 1
         self.connected = False
         self._wake.set()
         if self._outage_logged:
@@ -304,6 +390,11 @@ class StateSync:
         if self._dirty:
             await self._flush()
 
+    async def _load_policies(self, services: list[str]) -> None:
+        stored = await self.store.load_policies(services)
+        for name in services:
+            self._manager.apply_policy(name, stored.get(name))
+
     async def _flush(self) -> None:
         breakers = self._manager.breakers()
         while self._dirty:
@@ -312,11 +403,13 @@ class StateSync:
             if breaker is None:
                 continue
             snapshot = breaker.snapshot()
+            events = self._pending_history.pop(name, [])
             self._writing.add(name)
             try:
-                result = await self.store.write(name, snapshot)
+                result = await self.store.write(name, snapshot, events)
             except BaseException as exc:
                 self._dirty.add(name)
+                self._pending_history[name] = events + self._pending_history.get(name, [])
                 if isinstance(exc, StoreError):
                     self._lost(exc, name)
                 raise
@@ -337,6 +430,7 @@ class StateSync:
                 continue  # a newer state was applied while we wrote; nothing to adopt
             elif _knows_more(breaker, stored):
                 breaker.version = stored.version
+                self._pending_history[name] = events + self._pending_history.get(name, [])
                 self._dirty.add(name)  # write again, on top of it
             else:
                 # Another instance wrote a newer state first: theirs is the fleet's.
@@ -344,13 +438,20 @@ class StateSync:
                 self._adopt(breaker, stored)
 
     def _adopt(self, breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> None:
-        breaker.restore(snapshot)
+        # Our unsent transitions lost to the fleet's: they never happened for the fleet.
+        self._pending_history.pop(breaker.name, None)
+        if breaker.restore(snapshot):
+            self._manager.adopted(breaker)
         logger.debug(
             "Restored circuit breaker state from Redis (service=%s, state=%s, failure_count=%d)",
             breaker.name,
             snapshot.state.value,
             snapshot.failure_count,
         )
+
+
+def _effective(snapshot: BreakerSnapshot) -> str:
+    return snapshot.state.value if snapshot.manual is None else snapshot.manual.mode
 
 
 def _knows_more(breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> bool:

@@ -31,6 +31,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("restore.py", {"settings"}),
         ("peers.py", {"settings"}),
         ("fleet_propagation.py", {"settings", "propagation_ms"}),
+        ("metrics_cost.py", {"settings", "request_path", "scrape", "history"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway_breaker.breaker import BreakerSnapshot
+from gateway_breaker.views import InstanceView, TransitionEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +41,33 @@ class StateStore(Protocol):
         """Stored states of `services` in one round trip; absent or unusable ones are left out."""
         ...
 
-    async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
-        """Store `snapshot` if the stored version is still `snapshot.version` (or absent)."""
+    async def write(
+        self, service: str, snapshot: BreakerSnapshot, history: Sequence[TransitionEvent] = ()
+    ) -> WriteResult:
+        """Store `snapshot` if the stored version is still `snapshot.version` (or absent), and
+        append `history` to the service's history in the same atomic step."""
+        ...
+
+    async def history(self, service: str, limit: int) -> list[TransitionEvent]:
+        """The service's transitions, newest first."""
+        ...
+
+    async def load_policies(self, services: Sequence[str]) -> dict[str, dict[str, object]]:
+        """Live policy overrides of `services` (absent or unusable ones left out)."""
+        ...
+
+    async def write_policy(
+        self, service: str, fields: dict[str, object] | None, instance: str
+    ) -> None:
+        """Store a live policy override (None deletes it) and announce it to the fleet."""
+        ...
+
+    async def register(self, instance: InstanceView, ttl: float) -> None:
+        """Record this instance as live for `ttl` seconds, with its view of the breakers."""
+        ...
+
+    async def instances(self) -> list[InstanceView]:
+        """Every instance that registered within its ttl."""
         ...
 
     async def acquire_probe(
@@ -57,9 +83,10 @@ class StateStore(Protocol):
         """Give a probe slot back before its lease runs out."""
         ...
 
-    def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot] | None]:
-        """States as instances write them; None once subscribed (re-read then: anything
-        published while cut off is lost). Raises `StoreError` when the subscription breaks."""
+    def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | None]:
+        """States as instances write them, `(service, None)` for a policy change; None once
+        subscribed (re-read then: anything published while cut off is lost). Raises
+        `StoreError` when the subscription breaks."""
         ...
 
     async def aclose(self) -> None:

@@ -6,26 +6,50 @@ import json
 import math
 from typing import Any
 
-from gateway_breaker.breaker import BreakerSnapshot, CircuitState
+from gateway_breaker.breaker import MANUAL_MODES, BreakerSnapshot, CircuitState, ManualMode
 
 MAX_STATE_BYTES = 4096
+MAX_REASON_CHARS = 200
+_CAUSE_CHARS = 40
 _MAX_COUNT = 2**53
 _MAX_TIME = 2**41  # about the year 71,000: anything larger is not a Unix time
 
 
 def encode_state(snapshot: BreakerSnapshot) -> str:
-    """The seed's JSON without `version` (the store's write adds it). Times in Unix seconds."""
+    """The seed's JSON without `version` (the store's write adds it). Times in Unix seconds.
+
+    `state` is the seed's effective value ("open" while forced_open, "closed" while disabled
+    or metrics_only), so seed readers keep working; `auto` then holds the automatic state.
+    """
+    manual = snapshot.manual
+    state = snapshot.state.value
+    if manual is not None:
+        state = "open" if manual.mode == "forced_open" else "closed"
+    opened_at = snapshot.opened_at
+    if state == "open" and opened_at is None and manual is not None:
+        opened_at = manual.since  # a seed reader needs the start of an open period
     doc: dict[str, Any] = {
-        "state": snapshot.state.value,
+        "state": state,
         "failure_count": snapshot.failure_count,
         "success_count": snapshot.success_count,
         "last_failure_time": _seconds(snapshot.last_failure_time),
-        "opened_at": _seconds(snapshot.opened_at),
+        "opened_at": _seconds(opened_at),
         # The seed's whole seconds would end an open period up to 1 s early elsewhere.
         "opened_at_ms": None if snapshot.opened_at is None else round(snapshot.opened_at * 1000),
     }
     if snapshot.open_seconds is not None:
         doc["open_ms"] = max(1, round(snapshot.open_seconds * 1000))
+    if state != snapshot.state.value:
+        doc["auto"] = snapshot.state.value
+    if manual is not None:
+        doc["manual"] = {
+            "mode": manual.mode,
+            "until": None if manual.until is None else round(manual.until, 3),
+            "reason": manual.reason,
+            "since": None if manual.since is None else round(manual.since, 3),
+        }
+    if snapshot.cause is not None:
+        doc["cause"] = snapshot.cause
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -41,8 +65,11 @@ def decode_state(raw: bytes | str) -> BreakerSnapshot:
         raise ValueError(f"not a JSON object but {type(doc).__name__}")
     try:
         state = CircuitState(str(doc.get("state")))
+        if "auto" in doc:
+            state = CircuitState(str(doc["auto"]))
     except ValueError:
         raise ValueError(f"unknown state {str(doc.get('state'))[:40]!r}") from None
+    manual = _manual(doc.get("manual"))
     opened_at = _time(doc, "opened_at")
     opened_at_ms = _time(doc, "opened_at_ms")
     # The precise time, unless a foreign writer left it disagreeing with the seed's field.
@@ -52,6 +79,11 @@ def decode_state(raw: bytes | str) -> BreakerSnapshot:
         opened_at = opened_at_ms / 1000
     if state is CircuitState.OPEN and opened_at is None:
         raise ValueError("state is open but opened_at is missing")
+    cause = doc.get("cause")
+    if cause is not None and not (
+        isinstance(cause, str) and 0 < len(cause) <= _CAUSE_CHARS and cause.isidentifier()
+    ):
+        raise ValueError(f"cause must be a short name, got {str(cause)[:40]!r}")
     return BreakerSnapshot(
         state=state,
         failure_count=_count(doc, "failure_count"),
@@ -60,6 +92,27 @@ def decode_state(raw: bytes | str) -> BreakerSnapshot:
         opened_at=opened_at,
         version=_count(doc, "version"),
         open_seconds=_open_seconds(doc),
+        manual=manual,
+        cause=cause,
+    )
+
+
+def _manual(value: Any) -> ManualMode | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("manual must be an object")
+    mode = value.get("mode")
+    if mode not in MANUAL_MODES:
+        raise ValueError(f"manual.mode must be one of {', '.join(MANUAL_MODES)}")
+    reason = value.get("reason")
+    if reason is not None and not (isinstance(reason, str) and len(reason) <= MAX_REASON_CHARS):
+        raise ValueError(f"manual.reason must be text of at most {MAX_REASON_CHARS} characters")
+    return ManualMode(
+        mode=mode,
+        until=_time(value, "until", "manual.until"),
+        reason=reason,
+        since=_time(value, "since", "manual.since"),
     )
 
 
@@ -85,12 +138,12 @@ def _count(doc: dict[str, Any], name: str) -> int:
     return value
 
 
-def _time(doc: dict[str, Any], name: str) -> float | None:
+def _time(doc: dict[str, Any], name: str, label: str | None = None) -> float | None:
     value = doc.get(name)
     if value is None or value == 0:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be Unix seconds, got {str(value)[:40]!r}")
+        raise ValueError(f"{label or name} must be Unix seconds, got {str(value)[:40]!r}")
     limit = _MAX_TIME * 1000 if name.endswith("_ms") else _MAX_TIME
     # Range first: a huge int cannot even be turned into a float.
     if not 0 < value < limit or not math.isfinite(value):

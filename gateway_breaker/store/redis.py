@@ -37,10 +37,15 @@ from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url
 from gateway_breaker.errors import ConfigError, StoreError
 from gateway_breaker.store.base import WriteResult
-from gateway_breaker.store.codec import decode_state, encode_state
+from gateway_breaker.store.codec import MAX_REASON_CHARS, decode_state, encode_state
+from gateway_breaker.views import InstanceView, TransitionEvent
 
 logger = logging.getLogger("gateway_breaker")
 T = TypeVar("T")
+
+HISTORY_MAX_LEN = 1000  # entries kept per service's history stream (approximately)
+MAX_POLICY_BYTES = 8192
+MAX_INSTANCE_BYTES = 1 << 20
 
 
 def _script(name: str) -> str:
@@ -87,14 +92,18 @@ class RedisStateStore:
             }
         return self._client
 
-    async def _run(self, what: str, call: Awaitable[T], limit: float | None = None) -> T:
+    async def _run(
+        self, what: str, call: Awaitable[T], limit: float | None = None, operation: str = ""
+    ) -> T:
         bound = limit if limit is not None else self.settings.socket_timeout_seconds * 2
         try:
             async with asyncio.timeout(bound):
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
             text = _safe(exc, self.settings.url)
-            raise StoreError(f"{what}: {type(exc).__name__}: {text}") from exc
+            raise StoreError(
+                f"{what}: {type(exc).__name__}: {text}", operation or what.lower()
+            ) from exc
 
     def key(self, service: str, kind: str = "state") -> str:
         """The Redis key of a service's `state` (or `probe` slots)."""
@@ -118,7 +127,7 @@ class RedisStateStore:
         pipe.script_load(ACQUIRE_PROBE_LUA)
         pipe.time()
         sent = self._clock()
-        replies = await self._run("SCRIPT LOAD/TIME", pipe.execute())
+        replies = await self._run("SCRIPT LOAD/TIME", pipe.execute(), operation="connect")
         self._observe_clock(sent, replies[-1])
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
@@ -134,7 +143,7 @@ class RedisStateStore:
             pipe.time()
             if keys:
                 pipe.mget(keys)
-            replies = await self._run("TIME/MGET", pipe.execute())
+            replies = await self._run("TIME/MGET", pipe.execute(), operation="load")
             now, values = replies[0], (replies[1] if keys else [])
         self._observe_clock(sent, now)
         found: dict[str, BreakerSnapshot] = {}
@@ -150,10 +159,12 @@ class RedisStateStore:
         # Below a millisecond the difference is measurement noise: keep times as they are.
         self.offset = offset if abs(offset) >= 0.001 else 0.0
 
-    async def write(self, service: str, snapshot: BreakerSnapshot) -> WriteResult:
+    async def write(
+        self, service: str, snapshot: BreakerSnapshot, history: Sequence[TransitionEvent] = ()
+    ) -> WriteResult:
         self._redis()
         fleet = _shift(snapshot, self.offset)
-        args: list[str | int] = [
+        args: list[str | int | float] = [
             snapshot.version,
             encode_state(fleet),
             self.settings.state_ttl_seconds,
@@ -161,9 +172,25 @@ class RedisStateStore:
             service,
             snapshot.state.value,
             self.instance,
+            HISTORY_MAX_LEN,
+            len(history),
         ]
-        keys = [self.key(service), self.key(service, "probe")]
-        reply = await self._run("EVALSHA", self._scripts["write"](keys=keys, args=args))
+        for event in history:
+            rate = event.failure_rate
+            args += [
+                round((event.at + self.offset) * 1000),
+                event.from_state,
+                event.to_state,
+                event.cause,
+                event.origin,
+                event.instance,
+                event.failure_count,
+                "" if rate is None else f"{rate:.4f}",
+                (event.reason or "")[:MAX_REASON_CHARS],
+            ]
+        keys = [self.key(service), self.key(service, "probe"), self.key(service, "history")]
+        call = self._scripts["write"](keys=keys, args=args)
+        reply = await self._run("EVALSHA", call, operation="write")
         accepted, raw = int(reply[0]), reply[1]
         return WriteResult(accepted=bool(accepted), stored=self._decode(service, raw))
 
@@ -174,13 +201,96 @@ class RedisStateStore:
         self._redis()
         args: list[str | int] = [token, slots, max(1, round(lease_seconds * 1000))]
         call = self._scripts["probe"](keys=[self.key(service, "probe")], args=args)
-        wait_ms = await self._run("EVALSHA", call, limit)
+        wait_ms = await self._run("EVALSHA", call, limit, operation="probe")
         return int(wait_ms) / 1000
 
     async def release_probe(self, service: str, token: str) -> None:
         await self._run("ZREM", self._redis().zrem(self.key(service, "probe"), token))
 
-    async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot] | None]:
+    async def history(self, service: str, limit: int) -> list[TransitionEvent]:
+        key = self.key(service, "history")
+        entries: Any = await self._run(
+            "XREVRANGE", self._redis().xrevrange(key, count=limit), operation="history"
+        )
+        events = []
+        for _, fields in entries or []:
+            event = _history_event(service, fields or {}, -self.offset)
+            if event is not None:
+                events.append(event)
+        return events
+
+    async def load_policies(self, services: Sequence[str]) -> dict[str, dict[str, object]]:
+        if not services:
+            return {}
+        client = self._redis()
+        keys = [self.key(s, "policy") for s in services]
+        if isinstance(client, RedisCluster):
+            values = await self._run("MGET", client.mget_nonatomic(keys), operation="policy")
+        else:
+            values = await self._run("MGET", client.mget(keys), operation="policy")
+        found: dict[str, dict[str, object]] = {}
+        for service, raw in zip(services, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                if len(raw) > MAX_POLICY_BYTES:
+                    raise ValueError(f"{len(raw)} bytes, more than {MAX_POLICY_BYTES}")
+                doc = json.loads(raw)
+                if not isinstance(doc, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, RecursionError) as exc:
+                logger.warning(
+                    "Ignoring unusable policy override (service=%s, error=%s)", service, exc
+                )
+                continue
+            found[service] = doc
+        return found
+
+    async def write_policy(
+        self, service: str, fields: dict[str, object] | None, instance: str
+    ) -> None:
+        client = self._redis()
+        key = self.key(service, "policy")
+        notice = json.dumps({"origin": instance, "kind": "policy", "service": service})
+        if fields is None:
+            await self._run("DEL", client.delete(key), operation="policy")
+        else:
+            await self._run("SET", client.set(key, json.dumps(fields)), operation="policy")
+        await self._run("PUBLISH", client.publish(self.channel, notice), operation="policy")
+
+    async def register(self, instance: InstanceView, ttl: float) -> None:
+        client = self._redis()
+        doc = instance.to_dict()
+        doc["last_seen"] = round(doc["last_seen"] + self.offset, 3)
+        doc["started_at"] = round(doc["started_at"] + self.offset, 3)
+        key = f"{self.settings.key_prefix}:instance:{instance.id}"
+        index = f"{self.settings.key_prefix}:instances"
+        now_ms = round(doc["last_seen"] * 1000)
+        pipe = client.pipeline(transaction=False)
+        pipe.set(key, json.dumps(doc, separators=(",", ":")), px=max(1, round(ttl * 1000)))
+        pipe.zadd(index, {instance.id: now_ms})
+        pipe.zremrangebyscore(index, "-inf", now_ms - round(ttl * 1000) * 10)
+        await self._run("SET/ZADD", pipe.execute(), operation="register")
+
+    async def instances(self) -> list[InstanceView]:
+        client = self._redis()
+        index = f"{self.settings.key_prefix}:instances"
+        ids: Any = await self._run("ZRANGE", client.zrange(index, 0, 999), operation="fleet")
+        if not ids:
+            return []
+        keys = [f"{self.settings.key_prefix}:instance:{bytes(i).decode()}" for i in ids]
+        if isinstance(client, RedisCluster):
+            values = await self._run("MGET", client.mget_nonatomic(keys), operation="fleet")
+        else:
+            values = await self._run("MGET", client.mget(keys), operation="fleet")
+        found = []
+        for raw in values:
+            view = None if raw is None else _instance_view(raw, -self.offset)
+            if view is not None:
+                found.append(view)
+        return sorted(found, key=lambda v: v.started_at)
+
+    async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | None]:
         """Stored states as instances write them; None once subscribed. Raises StoreError
         when cut off: pub/sub drops what is published meanwhile, so re-read after that."""
         pubsub = self._redis().pubsub()
@@ -212,15 +322,17 @@ class RedisStateStore:
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _decode_event(self, data: bytes) -> tuple[str, BreakerSnapshot] | None:
+    def _decode_event(self, data: bytes) -> tuple[str, BreakerSnapshot | None] | None:
         try:
             doc = json.loads(data)
             service = doc["service"]
-            raw = json.dumps(doc["state"])
+            raw = json.dumps(doc.get("state"))
         except (ValueError, KeyError, TypeError):
             return None
         if not isinstance(service, str) or doc.get("origin") == self.instance:
             return None
+        if doc.get("kind") == "policy":
+            return service, None
         snapshot = self._decode(service, raw)
         return None if snapshot is None else (service, snapshot)
 
@@ -350,11 +462,59 @@ def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
     def moved(t: float | None) -> float | None:
         return None if t is None else t + seconds
 
+    manual = snapshot.manual
+    if manual is not None:
+        manual = replace(manual, until=moved(manual.until), since=moved(manual.since))
     return replace(
         snapshot,
         opened_at=moved(snapshot.opened_at),
         last_failure_time=moved(snapshot.last_failure_time),
+        manual=manual,
     )
+
+
+def _history_event(service: str, fields: Any, shift: float) -> TransitionEvent | None:
+    """One history stream entry; None when it is not one the package wrote."""
+    try:
+        get = {k.decode(): v.decode() for k, v in fields.items()}
+        rate = get.get("failure_rate") or ""
+        return TransitionEvent(
+            service=service,
+            at=int(get["at"]) / 1000 + shift,
+            from_state=get["from"][:20],
+            to_state=get["to"][:20],
+            cause=get["cause"][:40],
+            origin=get["origin"][:20],
+            instance=get["instance"][:64],
+            version=int(get["version"]),
+            failure_count=int(get["failure_count"]),
+            failure_rate=float(rate) if rate else None,
+            reason=get.get("reason") or None,
+        )
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _instance_view(raw: bytes, shift: float) -> InstanceView | None:
+    try:
+        if len(raw) > MAX_INSTANCE_BYTES:
+            return None
+        doc = json.loads(raw)
+        breakers = {
+            str(name): (str(entry["state"]), int(entry["version"]))
+            for name, entry in doc.get("breakers", {}).items()
+        }
+        return InstanceView(
+            id=str(doc["id"]),
+            host=str(doc["host"]),
+            pid=int(doc["pid"]),
+            started_at=float(doc["started_at"]) + shift,
+            last_seen=float(doc["last_seen"]) + shift,
+            version=str(doc["version"]),
+            breakers=breakers,
+        )
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
+        return None
 
 
 def _safe(exc: BaseException, url: str | None) -> str:

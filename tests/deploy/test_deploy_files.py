@@ -169,23 +169,53 @@ def test_compose_validator_rejects_broken_variants(
 # -- Dockerfile --------------------------------------------------------------------------------
 
 
-def test_dockerfile_uses_a_slim_python_with_a_pinned_minor() -> None:
-    (base,) = args_of("FROM")
-    assert re.fullmatch(r"python:3\.1[1-9]-slim(-[a-z]+)?", base), base
+def stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Each build stage by name: (what it is FROM, its instructions after the FROM)."""
+    result: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] = []
+    for key, rest in dockerfile():
+        if key == "FROM":
+            base, _, name = rest.partition(" AS ")
+            assert name, f"every stage is named: FROM {rest}"
+            current = []
+            result[name.strip()] = (base.strip(), current)
+        else:
+            current.append((key, rest))
+    return result
 
 
-def test_dockerfile_runs_as_a_non_root_user() -> None:
-    steps = dockerfile()
-    users = [i for i, (key, _) in enumerate(steps) if key == "USER"]
+def stage_args(stage: str, keyword: str) -> list[str]:
+    """`keyword`'s arguments in `stage` and the stages it is built FROM."""
+    all_stages = stages()
+    base, steps = all_stages[stage]
+    inherited = stage_args(base, keyword) if base in all_stages else []
+    own = [rest for key, rest in steps if key == keyword]
+    if keyword in ("CMD", "HEALTHCHECK", "USER") and own:
+        return own  # the last one of a stage replaces its base's
+    return inherited + own
+
+
+def test_dockerfile_stages_build_then_run_on_a_slim_python_with_a_pinned_minor() -> None:
+    all_stages = stages()
+    assert list(all_stages) == ["build", "runtime", "upstream", "gateway"], list(all_stages)
+    for name in ("build", "runtime"):
+        base = all_stages[name][0]
+        assert re.fullmatch(r"python:3\.1[1-9]-slim(-[a-z]+)?", base), base
+    assert all_stages["build"][0] == all_stages["runtime"][0]
+    assert all_stages["upstream"][0] == all_stages["gateway"][0] == "runtime"
+
+
+@pytest.mark.parametrize("stage", ["upstream", "gateway"])
+def test_dockerfile_runs_as_a_non_root_user(stage: str) -> None:
+    users = stage_args(stage, "USER")
     assert users, "no USER instruction: the container would run as root"
-    user = steps[users[-1]][1].split(":")[0]
+    user = users[-1].split(":")[0]
     assert user not in ("root", "0"), user
-    cmd = next(i for i, (key, _) in enumerate(steps) if key == "CMD")
-    assert users[-1] < cmd
 
 
-def test_dockerfile_installs_from_the_projects_own_metadata() -> None:
-    steps = dockerfile()
+def test_dockerfile_installs_from_the_projects_own_metadata_in_the_build_stage() -> None:
+    all_stages = stages()
+    steps = all_stages["build"][1]
     copies = [rest for key, rest in steps if key == "COPY"]
     assert any("pyproject.toml" in rest for rest in copies)
     assert any(rest.split()[0].rstrip("/") == "gateway_breaker" for rest in copies)
@@ -193,30 +223,56 @@ def test_dockerfile_installs_from_the_projects_own_metadata() -> None:
     assert len(installs) == 1, installs
     assert '".[example]"' in installs[0]
     assert "--no-cache-dir" in installs[0]
+    assert "--prefix=/install" in installs[0]
     position = {rest: i for i, (key, rest) in enumerate(steps)}
     assert position[copies[0]] < position[installs[0]]
+    # The images get the installed tree and the examples, never the sources' build leftovers.
+    runtime = all_stages["runtime"][1]
+    runtime_copies = [rest for key, rest in runtime if key == "COPY"]
+    assert "--from=build /install /usr/local" in runtime_copies
+    assert not any("gateway_breaker" in rest for rest in runtime_copies)
+    assert not any(key == "RUN" and "pip" in rest for key, rest in runtime)
 
 
-def test_dockerfile_cmd_is_exec_form() -> None:
-    (cmd,) = args_of("CMD")
-    assert json.loads(cmd) == GATEWAY_CMD
+def test_the_example_extra_brings_the_fast_transport_and_server() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    example = " ".join(project["optional-dependencies"]["example"])
+    for needed in ("aiohttp", "uvloop", "httptools", "uvicorn", "fastapi"):
+        assert needed in example, needed
+
+
+@pytest.mark.parametrize(("stage", "argv"), [("gateway", GATEWAY_CMD), ("upstream", UPSTREAM_CMD)])
+def test_dockerfile_cmd_is_exec_form(stage: str, argv: list[str]) -> None:
+    assert json.loads(stage_args(stage, "CMD")[-1]) == argv
     assert not args_of("ENTRYPOINT")
 
 
-def test_dockerfile_healthcheck_asks_healthz_without_curl() -> None:
-    (check,) = args_of("HEALTHCHECK")
+@pytest.mark.parametrize(
+    ("stage", "url"),
+    [("gateway", "http://127.0.0.1:8000/healthz"), ("upstream", "http://127.0.0.1:9001/_stats")],
+)
+def test_dockerfile_healthcheck_without_curl(stage: str, url: str) -> None:
+    check = stage_args(stage, "HEALTHCHECK")[-1]
     options, _, command = check.partition("CMD ")
     argv = json.loads(command)
     assert argv[:2] == ["python", "-c"]
     assert "urllib" in argv[2]
-    assert "http://127.0.0.1:8000/healthz" in argv[2]
+    assert url in argv[2]
     assert "--timeout=" in options
     # The one-liner is valid Python.
     compile(argv[2], "<healthcheck>", "exec")
 
 
-def test_dockerfile_exposes_the_gateway_port() -> None:
-    assert args_of("EXPOSE") == ["8000"]
+@pytest.mark.parametrize(("stage", "port"), [("gateway", "8000"), ("upstream", "9001")])
+def test_each_image_exposes_the_port_it_listens_on(stage: str, port: str) -> None:
+    assert stage_args(stage, "EXPOSE") == [port]
+    assert json.loads(stage_args(stage, "CMD")[-1])[-1] == port
+
+
+def test_the_default_target_is_the_gateway() -> None:
+    assert list(stages())[-1] == "gateway"
 
 
 def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
@@ -241,7 +297,7 @@ def test_compose_has_no_obsolete_version_key() -> None:
 
 
 def test_compose_services() -> None:
-    assert set(compose()["services"]) == {"redis", "upstream", *GATEWAYS}
+    assert set(compose()["services"]) == {"redis", "upstream", "prometheus", *GATEWAYS}
 
 
 def test_redis_service_is_health_checked() -> None:
@@ -270,15 +326,32 @@ def test_gateway_service(name: str, host_port: int) -> None:
     assert (REPO_ROOT / config[0]["source"]).resolve() == FLEET_YAML
 
 
-def test_upstream_service_runs_the_demo_from_the_same_image() -> None:
+def target_of(spec: dict[str, Any]) -> str:
+    build = spec["build"]
+    assert isinstance(build, dict), build
+    return str(build.get("target") or list(stages())[-1])
+
+
+def test_upstream_service_runs_the_demo_stage_of_the_same_dockerfile() -> None:
     upstream = service("upstream")
     gateway = service("gateway-1")
-    assert upstream["command"] == UPSTREAM_CMD
-    assert upstream["build"] == gateway["build"]
-    assert upstream["image"] == gateway["image"]
-    words = healthcheck_words(upstream)
-    assert "127.0.0.1:9001" in words
-    assert "healthz" not in words
+    assert build_context(upstream) == build_context(gateway) == (".", "Dockerfile")
+    assert target_of(upstream) == "upstream"
+    assert target_of(gateway) == "gateway"
+    assert upstream["image"] != gateway["image"]
+    # The image's CMD and HEALTHCHECK apply.
+    assert "command" not in upstream
+    assert "healthcheck" not in upstream
+
+
+def test_compose_publishes_only_ports_its_images_listen_on() -> None:
+    for name, spec in compose()["services"].items():
+        if "build" not in spec:
+            continue
+        exposed = set(stage_args(target_of(spec), "EXPOSE"))
+        published = {str(p).rsplit(":", 1)[-1] for p in spec.get("ports", [])}
+        assert published <= exposed, f"{name} publishes {published}, its image listens on {exposed}"
+        assert "expose" not in spec, name
 
 
 def test_compose_references_resolve() -> None:

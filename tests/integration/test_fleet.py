@@ -73,8 +73,9 @@ async def test_open_period_is_timed_on_one_clock_despite_skew(fleet: Any) -> Non
     await open_breaker(a)
     for manager in (b, c):
         await wait_until(lambda m=manager: m.get("discovery").state is CircuitState.OPEN)
-        # Five seconds left on every instance, not 5 +/- the skew.
-        assert 3.5 < manager.get("discovery").retry_after() <= 5.0
+        # Five seconds left on every instance, not 5 +/- the skew (the offset to Redis's clock
+        # is measured to within half a round trip, so a loaded machine adds milliseconds).
+        assert 3.5 < manager.get("discovery").retry_after() <= 5.05
 
 
 async def test_concurrent_opposing_transitions_converge_on_one(fleet: Any) -> None:

@@ -421,6 +421,7 @@ def test_snapshot_carries_the_seed_fields(clock: FakeClock) -> None:
         last_failure_time=clock.now,
         opened_at=clock.now,
         version=0,
+        cause="failure_threshold",
     )
 
 
