@@ -59,6 +59,12 @@ class CircuitBreakerMiddleware:
             from gateway_breaker.metrics import metrics_app
 
             self._metrics = metrics_app(manager, path=config.metrics.path)
+        self._admin: ASGIApp | None = None  # the admin API, served only when a token is set
+        self._admin_path = config.admin.path
+        if self.enabled and config.admin.token is not None:
+            from gateway_breaker.admin import admin_app
+
+            self._admin = admin_app(manager, token=config.admin.token, path=self._admin_path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self._metrics
@@ -73,6 +79,15 @@ class CircuitBreakerMiddleware:
                 return
             await self.app(scope, receive, send)
             return
+        if self._admin is not None and scope["path"].startswith(self._admin_path):
+            path = scope["path"]  # segment boundary: /_breakers and /_breakers/..., not /_breakersx
+            if len(path) == len(self._admin_path) or path[len(self._admin_path)] == "/":
+                if self._start_pending:  # no lifespan ran: start before showing the breakers
+                    self._begin_start()
+                    assert self._started is not None
+                    await asyncio.shield(self._started)
+                await self._admin(scope, receive, send)
+                return
         service = self.routes.match(scope["path"])
         if service is None:
             await self.app(scope, receive, send)
