@@ -82,8 +82,10 @@ class PageErrors:
         assert not errors, "the page raised errors:\n" + "\n".join(errors)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_driver() -> Iterator[Playwright]:
+    # Module scope, not session: Playwright's sync API keeps an event loop running on this
+    # thread while it lives, and the asyncio tests of other modules must not find one.
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
     with sync_playwright() as driver:
