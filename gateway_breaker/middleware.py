@@ -192,6 +192,8 @@ class CircuitBreakerMiddleware:
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:
     retry_after = breaker.retry_after_header()
     name, state = breaker.name, breaker.effective_state
+    if state == "closed":
+        state = "recovering"  # closed, and the recovery ramp did not admit this request
     # Service names are validated (letters, digits, '_', '.', '-'): nothing to escape.
     body = (
         '{"type":"about:blank","title":"Service Unavailable","status":503,'

@@ -131,8 +131,9 @@ def test_recovery_ramp_admits_few_at_first_on_both_gateways_then_all(
         for name, gateway in (("a", a), ("b", b)):
             response = gateway.get("/discovery/status/200")
             assert response.status_code in (200, 503)
-            if response.status_code == 503 and response.json()["state"] == "closed":
+            if response.status_code == 503 and response.json()["state"] == "recovering":
                 assert response.headers["retry-after"] == "1"  # held back by the ramp
+                assert response.headers["x-circuit-breaker"] == "recovering"
             sent[name] += 1
             passed[name] += response.status_code == 200
     print(f"first second of the ramp: passed {passed} of {sent}")
