@@ -491,16 +491,9 @@ class RedisStateStore:
         except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested
             self._drop("malformed", f"not JSON: {type(exc).__name__}")
             return None
-        if isinstance(doc, dict) and doc.get("kind") == "policy":
-            # A live policy change: a hint to re-read the service's policy key.
-            service = doc.get("service")
-            if doc.get("origin") == self.instance:
-                return None
-            if not isinstance(service, str) or service not in self._services:
-                self._drop("unknown_service", "a service this instance does not use")
-                return None
-            return service, None
-        if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+        # A live policy change carries no state: a hint to re-read the service's policy key.
+        policy = isinstance(doc, dict) and doc.get("kind") == "policy"
+        if not isinstance(doc, dict) or not (policy or isinstance(doc.get("state"), dict)):
             self._drop("malformed", "not an announcement object")
             return None
         service = doc.get("service")
@@ -510,6 +503,8 @@ class RedisStateStore:
             # Never decoded or cached: a flood of invented names must not grow memory.
             self._drop("unknown_service", "a service this instance does not use")
             return None
+        if policy:
+            return service, None
         try:
             snapshot = decode_state(json.dumps(doc["state"]))
         except (ValueError, RecursionError) as exc:
