@@ -1,0 +1,76 @@
+"""Hostile settings on the real example gateway: passwords never in its output, bad URL options
+and hostile config files refused at start with one clear line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import port_for
+import pytest
+
+from tests.conftest import RedisServer
+from tests.e2e.conftest import StartGateway
+from tests.helpers import wait_until_sync
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+SECRET = "Xq7-very-secret-pw"
+
+
+def urls(port: int, dead: int) -> list[str]:
+    """Every URL form redis-py accepts, with a password, pointing at Redis or at nothing."""
+    return [
+        f"redis://gateway:{SECRET}@127.0.0.1:{port}/0",  # Redis refuses this user: AUTH errors
+        f"redis://:{SECRET}@127.0.0.1:{dead}/0",  # nothing listens: connection errors
+        f"redis://127.0.0.1:{dead}/0?password={SECRET}",
+        f"unix:///nonexistent/redis.sock?password={SECRET}",
+        f"redis+sentinel://:{SECRET}@127.0.0.1:{dead}/mymaster",
+    ]
+
+
+@pytest.mark.parametrize("form", range(5))
+def test_a_password_never_reaches_the_gateways_output(
+    start_gateway: StartGateway, redis_server: RedisServer, form: int
+) -> None:
+    url = urls(redis_server.port, port_for.select_random())[form]
+    gateway = start_gateway(redis_url=url)
+    for _ in range(4):  # opens discovery: a transition the gateway tries to persist
+        gateway.get("/discovery/status/500")
+    wait_until_sync(
+        lambda: "Failed to" in gateway.output() or "in-memory" in gateway.output(),
+        timeout=10,
+        message="the gateway's Redis warning",
+    )
+    assert gateway.get("/discovery/anything").status_code == 503  # still protecting, in memory
+    assert SECRET not in gateway.output()
+
+
+def test_a_bad_url_option_stops_the_gateway_at_start_with_one_line(
+    start_gateway: StartGateway,
+) -> None:
+    started = time.monotonic()
+    gateway = start_gateway(
+        redis_url=f"redis://:{SECRET}@127.0.0.1:6390/0?socket_timeout=abc", ready=False
+    )
+    assert gateway.wait_exit(timeout=20) != 0
+    assert time.monotonic() - started < 20
+    output = gateway.output()
+    assert "socket_timeout" in output
+    assert SECRET not in output
+    assert "Traceback" not in output
+
+
+def test_an_alias_bomb_config_is_refused_fast(start_gateway: StartGateway, tmp_path: Path) -> None:
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        lines.append(f"{chr(97 + i)}: &{chr(97 + i)} [" + ",".join([f"*{chr(96 + i)}"] * 10) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    gateway = start_gateway(bomb, ready=False)
+    assert gateway.wait_exit(timeout=20) != 0
+    assert time.monotonic() - started < 20
+    output = gateway.output()
+    assert "alias" in output.lower()
+    assert "Traceback" not in output
