@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,7 +58,14 @@ class ServerProcess:
 
     health_path = "/"
 
-    def __init__(self, name: str, app: str, env: Mapping[str, str], logdir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        app: str,
+        env: Mapping[str, str],
+        logdir: Path,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.port = port_for.select_random()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -67,7 +74,10 @@ class ServerProcess:
         self._stdout = self.stdout_path.open("wb")
         self._stderr = self.stderr_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                *[sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"],
+                *["--port", str(self.port), *extra_args],
+            ],
             cwd=REPO_ROOT,
             env=dict(env),
             stdin=subprocess.DEVNULL,

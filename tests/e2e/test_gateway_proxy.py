@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,29 +390,7 @@ class ServerWithArgs(ServerProcess):
     def __init__(
         self, name: str, app: str, env: dict[str, str], logdir: Path, extra: list[str]
     ) -> None:
-        import subprocess
-
-        import port_for
-
-        from tests.e2e.conftest import REPO_ROOT
-
-        self.name = name
-        self.port = port_for.select_random()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stdout_path = logdir / f"{name}.stdout.log"
-        self.stderr_path = logdir / f"{name}.stderr.log"
-        self._stdout = self.stdout_path.open("wb")
-        self._stderr = self.stderr_path.open("wb")
-        argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
-        self.process = subprocess.Popen(
-            [*argv, "--port", str(self.port), *extra],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=self._stderr,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=10.0, trust_env=False)
+        super().__init__(name, app, env, logdir, extra_args=extra)
 
 
 @pytest.fixture

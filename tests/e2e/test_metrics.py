@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,23 +281,13 @@ class WorkersGateway(ServerProcess):
     health_path = "/healthz"
 
     def __init__(self, env: dict[str, str], logdir: Path, workers: int = 2) -> None:
-        self.name = "gateway-workers"
-        self.port = port_for.select_random()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stdout_path = logdir / f"{self.name}.stdout.log"
-        self.stderr_path = logdir / f"{self.name}.stderr.log"
-        self._stdout = self.stdout_path.open("wb")
-        self._stderr = self.stderr_path.open("wb")
-        argv = [sys.executable, "-m", "uvicorn", "examples.gateway:app", "--host", "127.0.0.1"]
-        self.process = subprocess.Popen(
-            [*argv, "--port", str(self.port), "--workers", str(workers)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=self._stderr,
+        super().__init__(
+            "gateway-workers",
+            "examples.gateway:app",
+            env,
+            logdir,
+            extra_args=["--workers", str(workers)],
         )
-        self.client = httpx.Client(base_url=self.url, timeout=10.0, trust_env=False)
 
 
 def successes_by_worker(directory: Path) -> dict[int, float]:
