@@ -3,8 +3,9 @@
 # `docker compose up --build` (the upstream from the `upstream` stage).
 #
 # Stages: `build` installs the package and its `example` extra (FastAPI, uvicorn, aiohttp,
-# uvloop, httptools) into /install; `runtime` is a clean python:slim with that tree copied in,
-# so nothing of the build (build/, *.egg-info, pip's cache, the sources' copy) reaches an image;
+# uvloop, httptools) from uv.lock into /install; `runtime` is a clean python:slim with that tree
+# copied in, so nothing of the build (build/, *.egg-info, pip's cache, the sources' copy, uv)
+# reaches an image;
 # `upstream` and `gateway` each add their own port, healthcheck and command.
 FROM python:3.12-slim AS build
 
@@ -12,12 +13,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-# Dependencies come from the project's own metadata. DL3013 (pin versions) is waived for this
-# local install: the versions are the ranges in pyproject.toml, the project's one source of them.
-COPY pyproject.toml README.md ./
+# Exactly the versions of the committed lock (uv.lock, hashes checked by pip), then the package
+# itself without dependencies. uv is used only to export the lock as a requirements file.
+COPY pyproject.toml uv.lock README.md ./
 COPY gateway_breaker ./gateway_breaker
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir --prefix=/install ".[example]"
+RUN pip install --no-cache-dir uv==0.13.9 \
+    && uv export --frozen --extra example --no-emit-project -o /tmp/requirements.txt \
+    && pip install --no-cache-dir --prefix=/install -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --prefix=/install --no-deps .
 
 FROM python:3.12-slim AS runtime
 

@@ -1,14 +1,37 @@
 # Two entry points: `make run` (the example gateway, in memory) and `make test` (everything CI runs).
+# Both install from the committed lock (uv.lock) with a pinned uv, so a fresh clone gets exactly
+# the versions the suite was tested with. `make lock` refreshes the lock; `make test-latest` and
+# `make test-lowest` run the suite against the newest and the lowest releases the ranges allow.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+export UV_PYTHON := $(PYTHON)
+# uv must not pick up a managed interpreter or an environment of the caller's
+export UV_PYTHON_DOWNLOADS := never
+unexport VIRTUAL_ENV
 
-.PHONY: run fleet test lint bench-smoke clean
+.PHONY: run fleet test lint pytest lock test-latest test-lowest clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+# Exactly the lock: `--locked` fails when uv.lock does not match pyproject.toml.
+.venv/.installed: pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=.venv $(UV) sync --locked --extra dev
+	touch $@
+
+# The newest (or lowest) releases the ranges in pyproject.toml allow, in a venv of their own;
+# the lock is not touched. `lowest` lowers the runtime dependencies only (tools/lowest.py).
+.venv-latest/.installed: pyproject.toml | $(UV)
+	rm -rf .venv-latest && $(UV) venv --quiet .venv-latest
+	$(UV) pip install --quiet --python .venv-latest --upgrade --refresh -e '.[dev]'
+	touch $@
+.venv-lowest/.installed: pyproject.toml uv.lock tools/lowest.py | $(UV)
+	UV=$(UV) $(PYTHON) tools/lowest.py .venv-lowest
 	touch $@
 
 run: $(VENV)/.installed
@@ -24,9 +47,23 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict gateway_breaker examples
 
-test: lint
+pytest: $(VENV)/.installed
 	@command -v redis-server >/dev/null || { echo "redis-server is needed: apt-get install redis-server"; exit 1; }
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint pytest
+
+# Refresh the lock to the newest releases the ranges allow (then `make test` and commit uv.lock).
+lock: | $(UV)
+	$(UV) lock --upgrade
+
+test-latest: .venv-latest/.installed
+	$(MAKE) test VENV=.venv-latest
+
+# Runtime dependencies at their lowest allowed versions. Lint is skipped: type stubs and
+# hints differ between releases; the behaviour is what is checked.
+test-lowest: .venv-lowest/.installed
+	$(MAKE) pytest VENV=.venv-lowest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-latest .venv-lowest $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis

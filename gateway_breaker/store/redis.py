@@ -427,7 +427,7 @@ class RedisStateStore:
                     await asyncio.sleep(0)  # a flood of junk must not starve the requests
         finally:
             with contextlib.suppress(RedisError, OSError, RuntimeError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     @property
     def _listen_timeout(self) -> float:
@@ -650,7 +650,7 @@ class RedisTopology:
             )
         if self.kind == "sentinel":
             sentinel_timeouts = {k: common[k] for k in ("socket_timeout", "socket_connect_timeout")}
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel = Sentinel(
                 list(self.hosts),
                 sentinel_kwargs={"password": s.sentinel_password, **sentinel_timeouts},
                 **common,

@@ -216,17 +216,22 @@ def test_dockerfile_runs_as_a_non_root_user(stage: str) -> None:
     assert user not in ("root", "0"), user
 
 
-def test_dockerfile_installs_from_the_projects_own_metadata_in_the_build_stage() -> None:
+def test_dockerfile_installs_exactly_the_lock_in_the_build_stage() -> None:
     all_stages = stages()
     steps = all_stages["build"][1]
     copies = [rest for key, rest in steps if key == "COPY"]
-    assert any("pyproject.toml" in rest for rest in copies)
+    assert any("pyproject.toml" in rest and "uv.lock" in rest for rest in copies)
     assert any(rest.split()[0].rstrip("/") == "gateway_breaker" for rest in copies)
     installs = [rest for key, rest in steps if key == "RUN" and "pip install" in rest]
     assert len(installs) == 1, installs
-    assert '".[example]"' in installs[0]
+    # The lock's pins (with hashes) for the example extra, then the package without resolving.
+    assert "uv export --frozen --extra example" in installs[0]
+    assert "-r /tmp/requirements.txt" in installs[0]
+    assert "--no-deps ." in installs[0]
     assert "--no-cache-dir" in installs[0]
     assert "--prefix=/install" in installs[0]
+    # the uv that exports is pinned like everything else
+    assert re.search(r"uv==\d+\.\d+\.\d+", installs[0])
     position = {rest: i for i, (key, rest) in enumerate(steps)}
     assert position[copies[0]] < position[installs[0]]
     # The images get the installed tree and the examples, never the sources' build leftovers.
