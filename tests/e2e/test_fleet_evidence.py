@@ -71,7 +71,11 @@ def test_three_gateways_open_together_on_the_fleets_count(
             rejecting.add(i % 3)
         i += 1
     print(f"requests that reached the failing upstream: {reached()} (threshold 12)")
-    assert reached() <= 16
+    # Counting alone, the first gateway opens after 12 failures of its own: 34 requests in this
+    # round robin. The fleet's count opens after 12 in all, plus what the gateways send while
+    # their counts are in flight (12-17 measured, benchmarks/fleet_evidence.py); 28 leaves a
+    # loaded machine room and still tells the two apart.
+    assert 12 <= reached() <= 28
 
 
 def test_quorum_keeps_a_sick_gateway_from_opening_the_fleet(
@@ -127,16 +131,20 @@ def test_recovery_ramp_admits_few_at_first_on_both_gateways_then_all(
     closed = time.monotonic()
     passed = {"a": 0, "b": 0}
     sent = {"a": 0, "b": 0}
+    held_back = 0
     while time.monotonic() - closed < 1.0:  # the first second of the ramp
         for name, gateway in (("a", a), ("b", b)):
             response = gateway.get("/discovery/status/200")
             assert response.status_code in (200, 503)
-            if response.status_code == 503 and response.json()["state"] == "recovering":
+            if response.status_code == 503:
+                assert response.json()["state"] == "recovering", response.text
                 assert response.headers["retry-after"] == "1"  # held back by the ramp
                 assert response.headers["x-circuit-breaker"] == "recovering"
+                held_back += 1
             sent[name] += 1
             passed[name] += response.status_code == 200
     print(f"first second of the ramp: passed {passed} of {sent}")
+    assert held_back > 0, (passed, sent)
     for name in ("a", "b"):
         assert passed[name] <= sent[name] * 0.5, (passed, sent)
     # After the ramp (it ends recovery_seconds after the stored close, on Redis's clock; 50 ms

@@ -360,7 +360,9 @@ def assert_true(value: bool) -> None:
 def test_a_client_that_leaves_never_closes_a_half_open_breaker(
     start_gateway: StartGateway, upstream: Upstream, how: str
 ) -> None:
-    gateway = start_gateway(make_config(upstream.url, failure_threshold=1, timeout_seconds=0.2))
+    # The open period outlasts the few requests between the probe's failure and the check that
+    # the breaker rejects again, however busy the machine.
+    gateway = start_gateway(make_config(upstream.url, failure_threshold=1, timeout_seconds=3))
     fail_discovery(gateway, 1)
     gateway.wait_for_log("(service=discovery, from=closed, to=open")
     # The leaving client is the probe: it is rejected until the open period is over.

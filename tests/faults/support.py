@@ -32,13 +32,16 @@ PROBE_SERVICE = "probe"
 """Flapped open -> half_open -> closed over and over by `Traffic`'s prober (default policy)."""
 PROBE_LEASE_BOUND = 0.25
 """The one round trip a request may wait on Redis (sync.PROBE_LEASE_TIMEOUT_SECONDS)."""
-PROBE_LEASE_SLACK = 0.15
-"""On top of the bound, for a loaded 2-core machine's event-loop lag."""
-LATENCY_FLOOR = 0.1
-"""A p99 under a fault may exceed 2x normal by this much. What the check guards against is a
-call waiting on Redis, and the shortest such wait is the 250 ms lease bound (socket timeouts are
-1 s); event-loop lag on a shared 2-core machine has reached 74 ms in a 90-task burst. The ratio
-itself is measured and recorded in docs/reliability.md, not asserted: numbers live there."""
+PROBE_LEASE_SLACK = 0.45
+"""On top of the bound, for a loaded 2-core machine's event-loop lag. What the check guards
+against is a probe waiting on Redis for a socket timeout (1 s) or the whole fault (2 s and more):
+0.25 + 0.45 stays clear of both."""
+STEADY_CALL_BOUND = 0.5
+"""The p99 of closed-breaker calls under a fault stays below this. What the check guards against
+is a call waiting on Redis, and the shortest such wait is a 1 s socket timeout (a fault lasts
+longer): half of it leaves a loaded 2-core machine's event-loop lag (74 ms seen in a 90-task
+burst) a wide margin. The p99s and their ratio to normal are measured and recorded in
+docs/reliability.md, not asserted: numbers live there."""
 CONVERGE_TIMEOUT = 15.0
 """Reconnect backoff can reach seconds after an outage; agreement must follow within this."""
 
@@ -196,10 +199,10 @@ class Traffic:
             await asyncio.sleep(0.01)  # pacing: a few cycles a second
 
     def check_latency(self, test: str, fault: str, phase: str = "fault") -> dict[str, Any]:
-        """Assert the p99 under `phase` within max(2x normal p99, normal p99 + 100 ms)."""
+        """Assert that calls under `phase` did not wait on Redis: p99 below STEADY_CALL_BOUND."""
         n50, n99 = quantiles(self.latencies["normal"])
         f50, f99 = quantiles(self.latencies[phase])
-        bound = max(2 * n99, n99 + LATENCY_FLOOR)
+        bound = STEADY_CALL_BOUND
         figures = {
             "test": test,
             "fault": fault,
@@ -229,7 +232,9 @@ class Traffic:
 
     def check_probes_bounded(self, phase: str = "fault") -> None:
         """A probe call waits on Redis at most PROBE_LEASE_BOUND, whatever Redis does."""
-        slow = [x for x in self.probe_latencies.get(phase, []) if x > PROBE_LEASE_BOUND + 0.15]
+        probes = self.probe_latencies.get(phase, [])
+        assert probes, f"no probe ran during {phase}: nothing was checked"
+        slow = [x for x in probes if x > PROBE_LEASE_BOUND + PROBE_LEASE_SLACK]
         assert not slow, f"probe calls took {[round(x * 1000) for x in slow]} ms"
 
 

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import RedisServer
 from tests.e2e.conftest import Gateway, StartGateway, Upstream, make_config
 from tests.faults.proxy import DelayProxy
-from tests.faults.support import FIGURES, LATENCY_FLOOR, quantiles, stored_state
+from tests.faults.support import FIGURES, STEADY_CALL_BOUND, quantiles, stored_state
 from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -152,7 +152,7 @@ async def test_gateways_keep_serving_through_a_silent_link_and_converge(
     assert not load.failed, f"{len(load.failed)} requests failed: {load.failed[:5]}"
     n50, n99 = quantiles(load.latencies["normal"])
     f50, f99 = quantiles(load.latencies["blackhole"])
-    bound = max(2 * n99, n99 + LATENCY_FLOOR)
+    bound = STEADY_CALL_BOUND
     FIGURES.append(
         {
             "test": "gateways",

@@ -206,11 +206,18 @@ async def test_conflicting_transitions_while_redis_is_away_settle_on_one(
     # A write that timed out while Redis was frozen may still run once it thaws (it sat in the
     # socket buffer): a stale half_open in between is fine, the compare-and-set orders them.
     assert doc["version"] > before["version"]
+    assert doc["state"] in ("open", "closed"), doc
+    # Exactly one of the two decisions reached Redis; the other lost the compare-and-set and
+    # was dropped, not written on top. The history (appended by the same script) says whose.
+    winner, loser = (b, a) if doc["state"] == "open" else (a, b)
+    history = await a.history(service, limit=20)
+    written = [e for e in history if e.version > before["version"]]
+    writers = {e.instance for e in written if e.to_state in ("open", "closed")}
+    assert winner.instance_id in writers, written
+    assert loser.instance_id not in writers, written
     if doc["state"] == "open":  # B's won: its new period, not the old one
         assert b_opened_at is not None
         assert abs(doc["opened_at_ms"] / 1000 - b_opened_at) < 0.01
-    else:
-        assert doc["state"] == "closed"
     assert {m.get(service).state.value for m in (a, b, c)} == {doc["state"]}
 
 
