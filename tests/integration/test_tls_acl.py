@@ -1,10 +1,9 @@
-"""TLS with client certificates, and the README's least-privilege ACL user, on real servers."""
+"""TLS with client certificates on real servers (the README's ACL user: test_acl.py)."""
 
 from __future__ import annotations
 
 import logging
 import re
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import redis
 
 from gateway_breaker import CircuitBreakerManager, CircuitOpenError, CircuitState, Config
-from tests.conftest import RedisProcess, RedisServer
+from tests.conftest import RedisProcess
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.redis
@@ -134,26 +133,3 @@ async def test_tls_without_the_client_certificate_falls_back_to_memory(
         assert await manager.call("discovery", lambda: "ok") == "ok"
     finally:
         await manager.aclose()
-
-
-async def test_the_documented_acl_user_is_enough(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    server = redis_server
-    password = secrets.token_hex(12)
-    admin = server.client()
-    admin.execute_command(
-        "ACL", "SETUSER", *documented_acl().replace("CHANGE-ME", password).split()
-    )
-    url = f"redis://gateway:{password}@127.0.0.1:{server.port}/0"
-    config = Config(redis={"url": url}, circuit_breaker={"services": SERVICES})
-    with caplog.at_level(logging.DEBUG):
-        await open_and_close_across_two_instances(config)
-    assert "NOPERM" not in caplog.text
-    assert password not in caplog.text
-    # And the user can reach nothing else.
-    user = redis.Redis(port=server.port, username="gateway", password=password)
-    with pytest.raises(redis.exceptions.NoPermissionError):
-        user.get("some_other_app:secret")
-    with pytest.raises(redis.exceptions.NoPermissionError):
-        user.flushall()
