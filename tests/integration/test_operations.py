@@ -79,7 +79,9 @@ async def test_a_timed_mode_ends_by_itself_everywhere(fleet: Any) -> None:
 
 
 @pytest.mark.parametrize("mode", ["disabled", "metrics_only"])
-async def test_disabled_and_metrics_only_never_reject(fleet: Any, mode: str) -> None:
+async def test_disabled_and_metrics_only_never_reject(
+    fleet: Any, mode: str, redis_shared: RedisServer, key_prefix: str
+) -> None:
     a, b = await fleet(2)
     await a.set_manual("discovery", mode)
     await wait_until(lambda: b.view("discovery").state == mode)
@@ -89,6 +91,18 @@ async def test_disabled_and_metrics_only_never_reject(fleet: Any, mode: str) -> 
     assert not await rejects(b)
     expected = "open" if mode == "metrics_only" else "closed"
     assert b.view("discovery").automatic_state == expected
+
+    # Seed readers see the effective state: traffic flows, so "closed", whatever the automatic
+    # state machine decided underneath (kept in `auto`).
+    def stored() -> dict[str, Any]:
+        doc = json.loads(redis_shared.client().get(f"{key_prefix}:discovery:state") or "{}")
+        assert isinstance(doc, dict)
+        return doc
+
+    await wait_until(lambda: stored().get("auto", "closed") == expected, timeout=5)
+    doc = stored()
+    assert doc["state"] == "closed", doc
+    assert doc["manual"]["mode"] == mode
 
 
 async def test_reset_through_one_closes_the_breaker_on_all(fleet: Any) -> None:
@@ -166,7 +180,7 @@ async def test_the_fleet_view_lists_every_live_instance(fleet: Any) -> None:
     assert all(i.pid > 0 and i.host for i in view.instances)
 
 
-async def test_a_command_with_redis_down_applies_here_and_says_so(
+async def test_a_command_with_redis_down_applies_here_says_so_and_is_written_on_return(
     redis_server: RedisServer, key_prefix: str
 ) -> None:
     from gateway_breaker import StoreError
@@ -177,9 +191,24 @@ async def test_a_command_with_redis_down_applies_here_and_says_so(
         redis_server.kill()
         await wait_until(lambda: manager.store_up is False, timeout=10, message="outage")
         with pytest.raises(StoreError):
-            await manager.set_manual("discovery", "forced_open")
+            await manager.set_manual("discovery", "forced_open", reason="outage drill")
         assert manager.view("discovery").state == "forced_open"
         assert manager.store_errors
+        # Redis returns (empty): the command is written then, and the fleet follows it.
+        redis_server.start()
+        client = redis_server.client()
+        key = f"{key_prefix}:discovery:state"
+        await wait_until(lambda: client.get(key) is not None, timeout=15, message="the write")
+        doc = json.loads(client.get(key) or "{}")
+        assert doc["state"] == "open"
+        assert doc["manual"]["mode"] == "forced_open"
+        assert doc["manual"]["reason"] == "outage drill"
+        later = await CircuitBreakerManager.with_redis(config)
+        try:
+            assert later.view("discovery").state == "forced_open"
+            assert await rejects(later)
+        finally:
+            await later.aclose()
     finally:
         await manager.aclose()
 
