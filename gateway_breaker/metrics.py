@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -49,6 +49,10 @@ DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 """Buckets of the propagation delay histogram (seconds)."""
 
 GaugeMode = Literal["livemax", "livemin", "livesum"]
+
+# The classic text format that `text_format` writes (prometheus-client names it
+# CONTENT_TYPE_PLAIN_0_0_4 from 0.23 on, and CONTENT_TYPE_LATEST before).
+TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -518,7 +522,7 @@ class MetricsApp:
             if name == b"accept":
                 accept = value.decode("latin-1")
         encoder, content_type = choose_encoder(accept)
-        if self.collector is not None and content_type == CONTENT_TYPE_PLAIN_0_0_4:
+        if self.collector is not None and content_type == TEXT_0_0_4:
             body = text_format(self.collector)
         else:
             body = encoder(self.registry)
