@@ -38,7 +38,8 @@ def test_open_reject_elsewhere_probe_and_close(
 ) -> None:
     url, client, key = topology
     client().delete(key)  # the cluster lives for the session
-    config = make_config(upstream.url, failure_threshold=3, timeout_seconds=1)
+    # Open long enough that B's checks below fall inside the open period on a busy machine.
+    config = make_config(upstream.url, failure_threshold=3, timeout_seconds=5)
     a = start_gateway(config, redis_url=url)
     b = start_gateway(config, redis_url=url)
     assert b.get("/discovery/status/200").status_code == 200
@@ -56,6 +57,6 @@ def test_open_reject_elsewhere_probe_and_close(
     assert reached() == 0
 
     # After the open period one probe passes through B and closes the breaker everywhere.
-    wait_until_sync(lambda: b.get("/discovery/items").status_code == 200, timeout=5)
+    wait_until_sync(lambda: b.get("/discovery/items").status_code == 200, timeout=15)
     wait_until_sync(lambda: stored_state(client, key) == "closed", message="closed in Redis")
     wait_until_sync(lambda: a.get("/discovery/items").status_code == 200, timeout=3)
