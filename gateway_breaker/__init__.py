@@ -26,6 +26,7 @@ from gateway_breaker.errors import (
 )
 from gateway_breaker.manager import CircuitBreakerManager
 from gateway_breaker.middleware import CircuitBreakerMiddleware
+from gateway_breaker.outbound import BreakerTransport, CircuitOpenTransportError, route_by_origin
 from gateway_breaker.policy import Policy, ServicePolicy
 from gateway_breaker.routing import RouteTable
 from gateway_breaker.views import BreakerView, FleetView, InstanceView, TransitionEvent
@@ -36,12 +37,14 @@ __all__ = [
     "OUTCOMES",
     "AdminSettings",
     "BreakerSnapshot",
+    "BreakerTransport",
     "BreakerView",
     "CircuitBreaker",
     "CircuitBreakerManager",
     "CircuitBreakerMiddleware",
     "CircuitBreakerSettings",
     "CircuitOpenError",
+    "CircuitOpenTransportError",
     "CircuitState",
     "Config",
     "ConfigError",
@@ -58,5 +61,6 @@ __all__ = [
     "ServicePolicy",
     "StoreError",
     "TransitionEvent",
+    "route_by_origin",
 ]
 __version__ = "0.1.0"

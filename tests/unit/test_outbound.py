@@ -1,0 +1,149 @@
+"""BreakerTransport around an in-process httpx.MockTransport, and the origin router."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from gateway_breaker import (
+    BreakerTransport,
+    CircuitBreakerManager,
+    CircuitOpenError,
+    CircuitOpenTransportError,
+    CircuitState,
+    route_by_origin,
+)
+from gateway_breaker.outbound import route_upstreams
+from tests.helpers import FakeClock
+from tests.unit.support import make_config
+
+SERVICE = "rates"
+
+
+@pytest.fixture
+def manager(clock: FakeClock) -> CircuitBreakerManager:
+    config = make_config(
+        {
+            SERVICE: {"failure_threshold": 3, "timeout_seconds": 10, "upstream": "http://rates"},
+            "auth": {"upstream": "https://auth.internal:8443/v1"},
+            "auth_admin": {"upstream": "https://auth.internal:8443/v1/admin"},
+        }
+    )
+    return CircuitBreakerManager(config, clock=clock)
+
+
+def client(manager: CircuitBreakerManager, answer: httpx.MockTransport) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=BreakerTransport(manager, service=SERVICE, transport=answer))
+
+
+async def test_failure_statuses_open_then_requests_are_not_sent(
+    manager: CircuitBreakerManager,
+) -> None:
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(503 if request.url.path == "/down" else 404)
+
+    async with client(manager, httpx.MockTransport(answer)) as http:
+        assert (await http.get("http://rates/missing")).status_code == 404  # 4xx: a success
+        for _ in range(3):
+            assert (await http.get("http://rates/down")).status_code == 503
+        assert manager.get(SERVICE).state is CircuitState.OPEN
+        sent.clear()
+        with pytest.raises(httpx.TransportError) as caught:
+            await http.get("http://rates/x")
+    error = caught.value
+    assert isinstance(error, CircuitOpenError)
+    assert isinstance(error, CircuitOpenTransportError)
+    assert error.service == SERVICE
+    assert 0 < error.retry_after <= 10
+    assert error.request.url == "http://rates/x"
+    assert sent == []
+
+
+async def test_transport_errors_are_failures(manager: CircuitBreakerManager) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("slow", request=request)
+
+    async with client(manager, httpx.MockTransport(answer)) as http:
+        for _ in range(3):
+            with pytest.raises(httpx.ConnectTimeout):
+                await http.get("http://rates/")
+    assert manager.get(SERVICE).state is CircuitState.OPEN
+
+
+async def test_cancelled_probe_counts_nothing_and_frees_its_slot(
+    manager: CircuitBreakerManager, clock: FakeClock
+) -> None:
+    breaker = manager.get(SERVICE)
+    breaker.open_locally("test")
+    clock.advance(11)
+    arrived = asyncio.Event()
+    hold = True
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        if hold:
+            await asyncio.sleep(60)
+        return httpx.Response(200)
+
+    async with client(manager, httpx.MockTransport(answer)) as http:
+        task = asyncio.create_task(http.get("http://rates/"))
+        await arrived.wait()
+        assert breaker.state is CircuitState.HALF_OPEN
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert breaker.state is CircuitState.HALF_OPEN
+        assert breaker.calls_ignored == 1
+        hold = False
+        assert (await http.get("http://rates/")).status_code == 200  # the slot was free
+    assert breaker.state is CircuitState.CLOSED
+
+
+async def test_unrouted_requests_pass_untouched(manager: CircuitBreakerManager) -> None:
+    transport = BreakerTransport(
+        manager,
+        service=route_by_origin(manager),
+        transport=httpx.MockTransport(lambda request: httpx.Response(500)),
+    )
+    async with httpx.AsyncClient(transport=transport) as http:
+        for _ in range(5):
+            assert (await http.get("http://elsewhere/")).status_code == 500
+    assert manager.find(SERVICE) is None
+    assert manager.find("auth") is None
+
+
+def test_service_must_be_a_name_or_a_callable(manager: CircuitBreakerManager) -> None:
+    with pytest.raises(TypeError, match="service"):
+        BreakerTransport(manager, service=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "service"),
+    [
+        ("http://rates/any/path", SERVICE),
+        ("http://rates:80/", SERVICE),
+        ("HTTP://RATES/", SERVICE),
+        ("https://rates/", None),  # another scheme, another origin
+        ("http://rates:8080/", None),  # another port
+        ("https://auth.internal:8443/v1/token", "auth"),
+        ("https://auth.internal:8443/v1", "auth"),
+        ("https://auth.internal:8443/v1/admin/users", "auth_admin"),  # the longer path wins
+        ("https://auth.internal:8443/v1/administrators", "auth"),  # segment boundary
+        ("https://auth.internal:8443/v2", None),  # no upstream path is a prefix
+        ("https://auth.internal/v1", None),  # default port 443, not 8443
+    ],
+)
+def test_origin_router(manager: CircuitBreakerManager, url: str, service: str | None) -> None:
+    route = route_by_origin(manager)
+    assert route(httpx.Request("GET", url)) == service
+
+
+def test_origin_router_default_ports() -> None:
+    route = route_upstreams([("a", "https://a.example:443"), ("b", "http://b.example:80/")])
+    assert route(httpx.Request("GET", "https://a.example/x")) == "a"
+    assert route(httpx.Request("GET", "http://b.example:80/x")) == "b"
