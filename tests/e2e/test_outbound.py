@@ -4,7 +4,8 @@ redis-server shared by two managers, as two instances of a service calling out w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ from gateway_breaker import (
     route_by_origin,
 )
 from tests.conftest import RedisServer
-from tests.e2e.conftest import Upstream, counts
+from tests.e2e.conftest import ServerProcess, Upstream, clean_env, counts
 from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -205,3 +206,44 @@ async def test_protect_ignore_and_fallback_with_a_real_upstream(
     before = sent()
     assert await fetch(200) == "cached"
     assert sent() == before  # while open the function did not run
+
+
+class OutboundExample(ServerProcess):
+    """examples/outbound.py under uvicorn."""
+
+    health_path = "/breakers"
+
+
+@pytest.fixture
+def outbound_example(tmp_path: Path, upstream: Upstream) -> Iterator[OutboundExample]:
+    env = clean_env(
+        {
+            "PROFILE_UPSTREAM": f"{upstream.url}/profile",
+            "RECOMMENDATIONS_UPSTREAM": f"{upstream.url}/recommendations",
+        }
+    )
+    server = OutboundExample("outbound", "examples.outbound:app", env, tmp_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_example_answers_partially_while_one_upstream_is_open(
+    outbound_example: OutboundExample, upstream: Upstream
+) -> None:
+    whole = outbound_example.get("/home/ada").json()
+    assert whole["degraded"] == {}
+    assert whole["profile"]["path"] == "/profile/users/ada"
+    assert whole["recommendations"]["path"] == "/recommendations/for/ada"
+    for _ in range(3):
+        failing = outbound_example.get("/home/ada", params={"fail": "recommendations"}).json()
+        assert failing["degraded"] == {"recommendations": "status 500"}
+    assert outbound_example.get("/breakers").json()["recommendations"] == "open"
+    sent = counts(upstream)
+    partial = outbound_example.get("/home/ada").json()
+    assert partial["profile"]["path"] == "/profile/users/ada"
+    assert partial["recommendations"] is None
+    assert partial["degraded"]["recommendations"].startswith("circuit open")
+    assert sent() == 1  # only the profile was asked
