@@ -205,7 +205,8 @@ def protect(
     ignored = ignore_rule(ignore)
 
     def decorate(fn: Callable[P, Any]) -> Callable[P, Any]:
-        if inspect.iscoroutinefunction(fn):
+        # Also an object whose __call__ is async.
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
             run = cast("Callable[P, Awaitable[Any]]", fn)
 
             @functools.wraps(fn)

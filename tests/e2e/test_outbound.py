@@ -170,6 +170,12 @@ async def test_sync_function_guarded_by_a_breaker_another_instance_opened(
     with pytest.raises(CircuitOpenError):
         lookup("on-the-loop")  # called on the loop's own thread
     assert ran == []
+    # Past the open period a call from a thread is the probe: it takes the fleet's probe lease
+    # on the manager's loop, runs, and its success closes the breaker.
+    breaker = second.get(SERVICE)
+    await wait_until(lambda: breaker.retry_after() == 0, timeout=5, message="probe time")
+    assert '"path"' in await asyncio.to_thread(lookup, "probe")
+    await wait_until(lambda: breaker.state is CircuitState.CLOSED, message="closed by the probe")
 
 
 class NotFound(Exception):

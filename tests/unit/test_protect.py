@@ -222,3 +222,17 @@ async def test_sync_call_from_a_thread_is_admitted_and_counted_on_the_loop(
     assert seen == [loop_thread]
     with pytest.raises(CircuitOpenError):
         await asyncio.to_thread(fails)
+
+
+async def test_an_object_with_an_async_call_is_guarded_as_async(
+    manager: CircuitBreakerManager,
+) -> None:
+    class Fetcher:
+        async def __call__(self, key: str) -> str:
+            raise ConnectionError(key)
+
+    guarded = manager.protect(SERVICE, fallback=lambda key: "cached")(Fetcher())
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            await guarded("k")
+    assert await guarded("k") == "cached"
