@@ -32,9 +32,9 @@ from gateway_breaker.protect import (
     Decorator,
     FallbackDecorator,
     Ignore,
-    call_guarded,
     ignore_rule,
     protect,
+    settle,
 )
 from gateway_breaker.views import (
     MANUAL_CAUSES,
@@ -574,7 +574,16 @@ class CircuitBreakerManager:
         `CircuitOpenError` without calling `fn` while the breaker rejects. Cancellation counts
         for nothing and frees any probe slot.
         """
-        return await call_guarded(self, service, fn, args, kwargs, ignore_rule(ignore))
+        breaker, permit = await self.admit(service)
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except BaseException as exc:
+            settle(breaker, permit, exc, ignore_rule(ignore))
+            raise
+        breaker.record(permit, failed=False)
+        return result
 
     @overload
     def protect(self, service: str, *, fallback: None = None, ignore: Ignore = ()) -> Decorator: ...

@@ -1,6 +1,7 @@
-"""Guarding calls a service makes itself: `manager.call`'s runner and `@manager.protect`.
+"""Guarding calls a service makes itself: `@manager.protect`, and the outcome rules it shares
+with `manager.call` and the httpx transport.
 
-Both admit a call the way the middleware admits a request (`manager.admit`: probe slots,
+They admit a call the way the middleware admits a request (`manager.admit`: probe slots,
 the recovery ramp, manual modes), then report its outcome to the breaker. Exceptions matching
 `ignore` pass through and count for nothing, as does a cancelled call.
 
@@ -19,7 +20,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
 
 from gateway_breaker.breaker import CircuitBreaker, Permit
@@ -63,8 +64,14 @@ class FallbackDecorator(Protocol[P, T]):
 ADMIT_WAIT_SECONDS = 30.0
 
 
+def _never(exc: BaseException) -> bool:
+    return False
+
+
 def ignore_rule(ignore: Ignore) -> Callable[[BaseException], bool]:
     """`ignore` as a predicate. Raises TypeError naming `ignore` for anything else."""
+    if ignore == ():
+        return _never
     if isinstance(ignore, type):
         ignore = (ignore,)
     if isinstance(ignore, tuple):
@@ -75,10 +82,6 @@ def ignore_rule(ignore: Ignore) -> Callable[[BaseException], bool]:
     if callable(ignore):
         return ignore
     raise TypeError("ignore: expected exception types or a predicate")
-
-
-def _never(exc: BaseException) -> bool:
-    return False
 
 
 def settle(
@@ -101,27 +104,6 @@ def settle(
             breaker.record(permit, failed=True)
             return
     breaker.release(permit)  # cancelled, interrupted or ignored: says nothing of the service
-
-
-async def call_guarded(
-    manager: CircuitBreakerManager,
-    service: str,
-    fn: Callable[..., Any],
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-    ignored: Callable[[BaseException], bool] = _never,
-) -> Any:
-    """`fn(*args, **kwargs)`, sync or async, admitted and counted by the breaker of `service`."""
-    breaker, permit = await manager.admit(service)
-    try:
-        result = fn(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-    except BaseException as exc:
-        settle(breaker, permit, exc, ignored)
-        raise
-    settle(breaker, permit, None)
-    return result
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -223,7 +205,7 @@ def protect(
                 except BaseException as exc:
                     settle(breaker, permit, exc, ignored)
                     raise
-                settle(breaker, permit, None)
+                breaker.record(permit, failed=False)
                 return result
 
             return guarded_async
