@@ -147,3 +147,43 @@ def test_origin_router_default_ports() -> None:
     route = route_upstreams([("a", "https://a.example:443"), ("b", "http://b.example:80/")])
     assert route(httpx.Request("GET", "https://a.example/x")) == "a"
     assert route(httpx.Request("GET", "http://b.example:80/x")) == "b"
+
+
+async def test_slow_call_rule_measures_to_the_response_headers(clock: FakeClock) -> None:
+    config = make_config({SERVICE: {"failure_threshold": 2, "slow_call_seconds": 1.0}})
+    manager = CircuitBreakerManager(config, clock=clock)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        clock.advance(2.0 if request.url.path == "/slow" else 0.1)
+        return httpx.Response(200)
+
+    async with client(manager, httpx.MockTransport(answer)) as http:
+        await http.get("http://rates/fast")
+        for _ in range(2):
+            assert (await http.get("http://rates/slow")).status_code == 200
+    breaker = manager.get(SERVICE)
+    assert breaker.calls_slow == 2
+    assert breaker.state is CircuitState.OPEN
+
+
+async def test_manual_modes_apply_as_in_the_middleware(manager: CircuitBreakerManager) -> None:
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(500)
+
+    breaker = manager.get(SERVICE)
+    async with client(manager, httpx.MockTransport(answer)) as http:
+        await manager.set_manual(SERVICE, "forced_open")
+        with pytest.raises(CircuitOpenError):
+            await http.get("http://rates/forced")
+        await manager.set_manual(SERVICE, "disabled")
+        for _ in range(5):
+            assert (await http.get("http://rates/disabled")).status_code == 500
+        assert breaker.failure_count == 0  # disabled: let through, counted for nothing
+        await manager.set_manual(SERVICE, "metrics_only")
+        for _ in range(5):
+            assert (await http.get("http://rates/shadow")).status_code == 500
+        assert breaker.state is CircuitState.OPEN  # the state machine ran ...
+    assert sent == ["/disabled"] * 5 + ["/shadow"] * 5  # ... and nothing was rejected
