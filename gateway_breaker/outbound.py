@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway_breaker.errors import CircuitOpenError
-from gateway_breaker.protect import settle
 
 if TYPE_CHECKING:
     from gateway_breaker.manager import CircuitBreakerManager
@@ -73,8 +72,11 @@ class BreakerTransport(httpx.AsyncBaseTransport):
             raise CircuitOpenTransportError(exc.service, exc.retry_after, request) from None
         try:
             response = await self.transport.handle_async_request(request)
-        except BaseException as exc:
-            settle(breaker, permit, exc)  # a failure; cancelled or interrupted: nothing
+        except Exception:
+            breaker.record(permit, failed=True)  # connect, read, timeouts, ...
+            raise
+        except BaseException:
+            breaker.release(permit)  # cancelled or interrupted: nothing, the slot goes back
             raise
         breaker.record(permit, response.status_code in breaker.failure_codes)
         return response
