@@ -574,13 +574,14 @@ class CircuitBreakerManager:
         `CircuitOpenError` without calling `fn` while the breaker rejects. Cancellation counts
         for nothing and frees any probe slot.
         """
+        ignored = ignore_rule(ignore)  # a bad `ignore` fails here, not with the call's error
         breaker, permit = await self.admit(service)
         try:
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
         except BaseException as exc:
-            settle(breaker, permit, exc, ignore_rule(ignore))
+            settle(breaker, permit, exc, ignored)
             raise
         breaker.record(permit, failed=False)
         return result

@@ -1,7 +1,7 @@
-"""Guarding calls a service makes itself: `@manager.protect`, and the outcome rules it shares
-with `manager.call` and the httpx transport.
+"""Guarding calls a service makes itself: `@manager.protect`, and the `ignore` rule it shares
+with `manager.call`.
 
-They admit a call the way the middleware admits a request (`manager.admit`: probe slots,
+Both admit a call the way the middleware admits a request (`manager.admit`: probe slots,
 the recovery ramp, manual modes), then report its outcome to the breaker. Exceptions matching
 `ignore` pass through and count for nothing, as does a cancelled call.
 

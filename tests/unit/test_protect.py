@@ -236,3 +236,12 @@ async def test_an_object_with_an_async_call_is_guarded_as_async(
         with pytest.raises(ConnectionError):
             await guarded("k")
     assert await guarded("k") == "cached"
+
+
+async def test_a_bad_ignore_is_refused_before_the_call(manager: CircuitBreakerManager) -> None:
+    ran: list[int] = []
+    with pytest.raises(TypeError, match="ignore"):
+        await manager.call(SERVICE, ran.append, 1, ignore=[KeyError])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ignore"):
+        manager.protect(SERVICE, ignore="KeyError")  # type: ignore[arg-type]
+    assert ran == []
