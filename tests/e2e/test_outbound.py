@@ -28,6 +28,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 SERVICE = "discovery"
 # The bound for the second instance to reject; the transition usually takes ~1 ms.
 PROPAGATION_BOUND_SECONDS = 2.0
+# Open periods: long enough that no probe slips into a test's checks on a busy machine.
+LONG_OPEN_SECONDS = 60
+SHORT_OPEN_SECONDS = 5
 
 
 def outbound_config(redis_url: str, key_prefix: str, upstream: str, **policy: Any) -> Config:
@@ -69,7 +72,8 @@ async def fleet(
 async def test_three_500s_through_one_instance_reject_the_other_and_nothing_is_sent(
     fleet: Any, upstream: Upstream
 ) -> None:
-    (_, one), (second, two) = await fleet(2)
+    # A long open period: nothing may probe while the test checks the rejections.
+    (_, one), (second, two) = await fleet(2, timeout_seconds=LONG_OPEN_SECONDS)
     sent = counts(upstream)
     for _ in range(3):
         assert (await one.get(f"{upstream.url}/discovery/status/500")).status_code == 500
@@ -84,7 +88,7 @@ async def test_three_500s_through_one_instance_reject_the_other_and_nothing_is_s
             await client.get(f"{upstream.url}/discovery/anything")
         assert isinstance(caught.value, httpx.TransportError)
         assert caught.value.service == SERVICE
-        assert 0 < caught.value.retry_after <= 1
+        assert 0 < caught.value.retry_after <= LONG_OPEN_SECONDS
     assert sent() == 3  # nothing more reached the upstream
     # Another origin path (another service) is not affected.
     assert (await two.get(f"{upstream.url}/sona/status/200")).status_code == 200
@@ -147,7 +151,7 @@ async def test_streamed_response_is_not_buffered_and_a_long_stream_holds_no_prob
 async def test_sync_function_guarded_by_a_breaker_another_instance_opened(
     fleet: Any, upstream: Upstream
 ) -> None:
-    (_, one), (second, _) = await fleet(2)
+    (_, one), (second, _) = await fleet(2, timeout_seconds=SHORT_OPEN_SECONDS)
     ran: list[str] = []
 
     @second.protect(SERVICE)
@@ -173,7 +177,9 @@ async def test_sync_function_guarded_by_a_breaker_another_instance_opened(
     # Past the open period a call from a thread is the probe: it takes the fleet's probe lease
     # on the manager's loop, runs, and its success closes the breaker.
     breaker = second.get(SERVICE)
-    await wait_until(lambda: breaker.retry_after() == 0, timeout=5, message="probe time")
+    await wait_until(
+        lambda: breaker.retry_after() == 0, timeout=SHORT_OPEN_SECONDS + 10, message="probe time"
+    )
     assert '"path"' in await asyncio.to_thread(lookup, "probe")
     await wait_until(lambda: breaker.state is CircuitState.CLOSED, message="closed by the probe")
 
@@ -185,7 +191,7 @@ class NotFound(Exception):
 async def test_protect_ignore_and_fallback_with_a_real_upstream(
     fleet: Any, upstream: Upstream
 ) -> None:
-    ((manager, _),) = await fleet(1)
+    ((manager, _),) = await fleet(1, timeout_seconds=LONG_OPEN_SECONDS)
     sent = counts(upstream)
 
     def cached(code: int) -> str:
