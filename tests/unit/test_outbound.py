@@ -6,6 +6,8 @@ import asyncio
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway_breaker import (
     BreakerTransport,
@@ -187,3 +189,33 @@ async def test_manual_modes_apply_as_in_the_middleware(manager: CircuitBreakerMa
             assert (await http.get("http://rates/shadow")).status_code == 500
         assert breaker.state is CircuitState.OPEN  # the state machine ran ...
     assert sent == ["/disabled"] * 5 + ["/shadow"] * 5  # ... and nothing was rejected
+
+
+_SEGMENTS = st.sampled_from(["a", "b", "ab", "v1"])
+_PATHS = st.lists(_SEGMENTS, max_size=3).map(lambda parts: "".join(f"/{p}" for p in parts))
+_ORIGINS = st.sampled_from(["http://one", "http://one:8080", "https://one", "http://two"])
+
+
+@given(
+    upstreams=st.dictionaries(
+        st.sampled_from(["s1", "s2", "s3", "s4"]), st.tuples(_ORIGINS, _PATHS), max_size=4
+    ),
+    origin=_ORIGINS,
+    path=_PATHS,
+)
+def test_origin_router_picks_the_longest_matching_upstream_path(
+    upstreams: dict[str, tuple[str, str]], origin: str, path: str
+) -> None:
+    route = route_upstreams((name, base + prefix) for name, (base, prefix) in upstreams.items())
+    chosen = route(httpx.Request("GET", f"{origin}{path}"))
+    # The oracle: same origin, upstream path a segment prefix of the request path, longest.
+    matching = [
+        (len(prefix), name)
+        for name, (base, prefix) in upstreams.items()
+        if base == origin and (path == prefix or path.startswith(prefix + "/"))
+    ]
+    if not matching:
+        assert chosen is None
+    else:
+        longest = max(length for length, _ in matching)
+        assert chosen in {name for length, name in matching if length == longest}
