@@ -1,5 +1,7 @@
 """Fleet-wide circuit breakers for FastAPI and Starlette API gateways."""
 
+from typing import TYPE_CHECKING, Any
+
 from gateway_breaker.breaker import (
     EFFECTIVE_STATES,
     MANUAL_MODES,
@@ -30,18 +32,39 @@ from gateway_breaker.policy import Policy, ServicePolicy
 from gateway_breaker.routing import RouteTable
 from gateway_breaker.views import BreakerView, FleetView, InstanceView, TransitionEvent
 
+if TYPE_CHECKING:
+    from gateway_breaker.outbound import (
+        BreakerTransport,
+        CircuitOpenTransportError,
+        route_by_origin,
+    )
+
+_OUTBOUND = ("BreakerTransport", "CircuitOpenTransportError", "route_by_origin")
+
+
+def __getattr__(name: str) -> Any:
+    # The outbound names import httpx: only when asked for, not with the middleware.
+    if name in _OUTBOUND:
+        from gateway_breaker import outbound
+
+        return getattr(outbound, name)
+    raise AttributeError(f"module 'gateway_breaker' has no attribute {name!r}")
+
+
 __all__ = [
     "EFFECTIVE_STATES",
     "MANUAL_MODES",
     "OUTCOMES",
     "AdminSettings",
     "BreakerSnapshot",
+    "BreakerTransport",
     "BreakerView",
     "CircuitBreaker",
     "CircuitBreakerManager",
     "CircuitBreakerMiddleware",
     "CircuitBreakerSettings",
     "CircuitOpenError",
+    "CircuitOpenTransportError",
     "CircuitState",
     "Config",
     "ConfigError",
@@ -58,5 +81,6 @@ __all__ = [
     "ServicePolicy",
     "StoreError",
     "TransitionEvent",
+    "route_by_origin",
 ]
 __version__ = "0.1.0"

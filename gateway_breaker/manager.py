@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from pydantic import ValidationError
 
@@ -28,6 +28,14 @@ from gateway_breaker.breaker import (
 from gateway_breaker.config import Config, check_service_name
 from gateway_breaker.errors import CircuitOpenError, ConfigError, PolicyError, StoreError
 from gateway_breaker.policy import Policy
+from gateway_breaker.protect import (
+    Decorator,
+    FallbackDecorator,
+    Ignore,
+    ignore_rule,
+    protect,
+    settle,
+)
 from gateway_breaker.views import (
     MANUAL_CAUSES,
     BreakerView,
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
     from gateway_breaker.sync import StateSync
 
 T = TypeVar("T")
+P = ParamSpec("P")
 logger = logging.getLogger("gateway_breaker")
 
 RECENT_EVENTS = 1000  # events kept for `events(after=...)` replays
@@ -86,6 +95,7 @@ class CircuitBreakerManager:
 
             self._sync = StateSync(store, self, self.config.redis, register=register)
         self._started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_config(
@@ -519,20 +529,12 @@ class CircuitBreakerManager:
 
     # -- calls -----------------------------------------------------------------------------
 
-    @overload
-    async def call(
-        self, service: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
-    ) -> T: ...
+    async def admit(self, service: str) -> tuple[CircuitBreaker, Permit]:
+        """Leave for one call to `service`: its breaker and a permit, as the middleware admits
+        a request (probe slots fleet-wide, the recovery ramp, manual modes). Report the outcome
+        with `breaker.record(permit, failed)` or hand it back with `breaker.release(permit)`.
 
-    @overload
-    async def call(self, service: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
-
-    async def call(self, service: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run `fn(*args, **kwargs)` (sync or async) under the service's breaker.
-
-        Returns its result and re-raises its exception, which counts as a failure. Raises
-        `CircuitOpenError` without calling `fn` while the breaker rejects. Cancellation counts
-        for nothing and frees any probe slot.
+        Raises `CircuitOpenError` while the breaker rejects. A cancelled caller holds nothing.
         """
         breaker = self._breakers.get(service)
         if breaker is None:
@@ -545,18 +547,65 @@ class CircuitBreakerManager:
             permit = None
         if permit is None:
             raise CircuitOpenError(service, breaker.retry_after())
+        return breaker, permit
+
+    @overload
+    async def call(
+        self,
+        service: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        ignore: Ignore = (),
+        **kwargs: Any,
+    ) -> T: ...
+
+    @overload
+    async def call(
+        self, service: str, fn: Callable[..., T], *args: Any, ignore: Ignore = (), **kwargs: Any
+    ) -> T: ...
+
+    async def call(
+        self, service: str, fn: Callable[..., Any], *args: Any, ignore: Ignore = (), **kwargs: Any
+    ) -> Any:
+        """Run `fn(*args, **kwargs)` (sync or async) under the service's breaker.
+
+        Returns its result and re-raises its exception, which counts as a failure unless it
+        matches `ignore` (exception types, or a predicate): those count for nothing. Raises
+        `CircuitOpenError` without calling `fn` while the breaker rejects. Cancellation counts
+        for nothing and frees any probe slot.
+        """
+        ignored = ignore_rule(ignore)  # a bad `ignore` fails here, not with the call's error
+        breaker, permit = await self.admit(service)
         try:
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
-        except Exception:
-            breaker.record(permit, failed=True)
+        except BaseException as exc:
+            settle(breaker, permit, exc, ignored)
             raise
-        else:
-            breaker.record(permit, failed=False)
-            return result
-        finally:
-            breaker.release(permit)  # no-op once recorded; frees the slot on cancellation
+        breaker.record(permit, failed=False)
+        return result
+
+    @overload
+    def protect(self, service: str, *, fallback: None = None, ignore: Ignore = ()) -> Decorator: ...
+
+    @overload
+    def protect(
+        self, service: str, *, fallback: Callable[P, T], ignore: Ignore = ()
+    ) -> FallbackDecorator[P, T]: ...
+
+    def protect(
+        self, service: str, *, fallback: Callable[..., Any] | None = None, ignore: Ignore = ()
+    ) -> Any:
+        """A decorator guarding a sync or async function with the breaker of `service`
+        (see `gateway_breaker.protect`): `fallback(*args, **kwargs)` answers while it is open;
+        exceptions matching `ignore` pass through and count for nothing."""
+        return protect(self, service, fallback=fallback, ignore=ignore)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the manager was started on (None before `start()`)."""
+        return self._loop
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -575,6 +624,7 @@ class CircuitBreakerManager:
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         if self._sync is not None:
             await self._sync.start(list(self._breakers))
 
