@@ -193,18 +193,20 @@ def refusal(scope: Scope) -> tuple[int, str, str] | None:
     query: bytes = scope.get("query_string", b"")
     if len(raw) + len(query) > MAX_TARGET_BYTES:
         return 414, "URI Too Long", f"the request target is over {MAX_TARGET_BYTES} bytes"
-    if _BAD_ESCAPE.search(raw):
+    escaped = b"%" in raw  # the usual path has none: the escape checks cannot fail then
+    if escaped and _BAD_ESCAPE.search(raw):
         return 400, "Bad Request", "malformed percent-encoding in the path"
     try:
-        unquote_to_bytes(raw).decode("utf-8")
+        (unquote_to_bytes(raw) if escaped else raw).decode("utf-8")
     except UnicodeDecodeError:
         return 400, "Bad Request", "the path is not UTF-8 once percent-decoded"
-    if _ENCODED_SEPARATOR.search(raw):
+    if escaped and _ENCODED_SEPARATOR.search(raw):
         return 400, "Bad Request", "an encoded '/' or '\\' in the path"
     path: str = scope["path"]
     if "\\" in path or _CONTROL.search(path):
         return 400, "Bad Request", "a backslash or a control character in the path"
-    if any(segment in (".", "..") for segment in path.split("/")):
+    # Every segment follows a '/': a '.' or '..' one needs "/." somewhere.
+    if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return 400, "Bad Request", "a '.' or '..' segment in the path"
     return None
 
