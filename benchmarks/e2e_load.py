@@ -41,10 +41,22 @@ to the bare demo upstream run as a contender of its own, on the gateway's CPU:
   httpx-aiohttp-fast    the httpx-aiohttp package's transport, uvloop+httptools
   aiohttp / aiohttp-fast  UPSTREAM_TRANSPORT=aiohttp (examples/transport.py), asyncio+h11 /
                         uvloop+httptools: what the image runs
-Ratios are taken against `upstream` and `upstream-fast` (goal: gateway / upstream >= 0.4, 0.5
-wished), both from requests/s and from CPU time per request.
+Every ratio is taken between contenders on the same server stack only (loop and HTTP parser):
+a gateway over `upstream` on asyncio + h11, over `upstream-fast` on uvloop + httptools.
+
+The floor (`--contenders floor`, the set of issue 23), all on uvloop + httptools:
+  upstream-fast         the bare demo upstream
+  floor                 benchmarks/floor_proxy.py: a minimal ASGI proxy on one shared aiohttp
+                        session, no framework, no breaker: the floor of a Python proxy here
+  gateway               the example gateway as the image runs it, breakers in memory
+Goals, from CPU time per request: gateway / floor >= 0.8, gateway / upstream-fast >= 0.5.
+`--paced 0.5` then adds latency rounds: an open-loop load (benchmarks/paced_load.py) at half the
+floor's requests/s, p50/p90/p99 per contender and the microseconds each adds over the bare
+upstream and over the floor. The gateways (`disabled`, `memory`, `redis`) run on uvloop +
+httptools too, as the image does.
 
 Run:  .venv/bin/python benchmarks/e2e_load.py [--rounds 5] [--seconds 10] [--json PATH]
+      .venv/bin/python benchmarks/e2e_load.py --contenders floor --rounds 5 --seconds 5 --paced 0.5
       .venv/bin/python benchmarks/e2e_load.py --contenders transport --rounds 5 --seconds 5
 CI:   .venv/bin/python benchmarks/e2e_load.py --smoke
 A/A:  .venv/bin/python benchmarks/e2e_load.py --contenders disabled,disabled  (should be 1.0)

@@ -23,9 +23,13 @@ Environment: `LOG_LEVEL` (default `info`) sets the level of the `gateway_breaker
 printed to stdout; `UPSTREAM_CONNECT_TIMEOUT` (default 2) and `UPSTREAM_TIMEOUT` (default 30)
 bound, in seconds, connecting to an upstream and each read or write of one;
 `UPSTREAM_MAX_CONNECTIONS` (default 200) caps the connections open to the upstreams;
-`UPSTREAM_TRANSPORT` picks the HTTP engine under httpx's API: `aiohttp` (the default when aiohttp
-is installed, as with the `example` extra) or `httpx` (httpx's own; `httpx-aiohttp` too, for the
-benchmark only).
+`UPSTREAM_TRANSPORT` picks the HTTP client engine (examples/transport.py): `aiohttp` (the default
+when aiohttp is installed, as with the `example` extra) or `httpx` (httpx's own; `httpx-aiohttp`
+too, for the benchmark only).
+
+A proxied request passes RequestGuard, the breaker middleware and ProxyDispatch, which hands it
+to UpstreamProxy directly: FastAPI's router and exception layers are for `/healthz` and any route
+you add (docs/gateway-transport.md has what each layer costs).
 """
 
 from __future__ import annotations
