@@ -194,10 +194,7 @@ _REJECTIONS = Rejections()
 
 
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:
-    state = breaker.effective_state
-    if state == "closed":
-        state = "recovering"  # closed, and the recovery ramp did not admit this request
-    headers, body = _REJECTIONS.answer(breaker.name, state, breaker.retry_after_header())
+    headers, body = _REJECTIONS.of(breaker)
     # A copy of the kept list: an outer middleware may add to the headers it is sent.
     await send({"type": "http.response.start", "status": 503, "headers": headers.copy()})
     await send({"type": "http.response.body", "body": body})
