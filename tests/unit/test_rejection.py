@@ -65,7 +65,8 @@ def test_a_new_open_period_gets_a_new_answer(clock: FakeClock) -> None:
     assert retry_after_of(rejections.of(breaker)[0]) == 30
     clock.advance(31)
     permit = breaker.acquire()  # the probe, failing: open again for another 30 s
-    assert permit is not None and permit.probe
+    assert permit is not None
+    assert permit.probe
     breaker.record(permit, failed=True)
     clock.advance(0.5)
     assert retry_after_of(rejections.of(breaker)[0]) == breaker.retry_after_header() == 30
