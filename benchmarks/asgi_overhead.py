@@ -391,6 +391,23 @@ def build_contenders() -> list[Contender]:
             check=expect_state(fastapi_closed, CircuitState.CLOSED),
         )
     )
+    # The middleware straight over a raw ASGI app, no framework: what a rejection costs next to
+    # a whole closed request (issue 23: a rejection at most half of one).
+    for name, state, status, description in (
+        ("raw_closed", CircuitState.CLOSED, 200, "raw ASGI app, breaker closed"),
+        ("raw_open", CircuitState.OPEN, 503, "raw ASGI app, breaker open: 503 rejection"),
+    ):
+        config = breaker_config(failure_threshold=1, timeout_seconds=86_400)
+        manager = CircuitBreakerManager(config)
+        breaker = manager.get(SERVICE)
+        if state is CircuitState.OPEN:
+            breaker.restore(BreakerSnapshot(state=CircuitState.OPEN, opened_at=time.time()))
+        raw = CircuitBreakerMiddleware(harness_app, config=config, manager=manager)
+        contenders.append(
+            Contender(
+                name, raw, path, status, "harness", description, check=expect_state(breaker, state)
+            )
+        )
     return contenders
 
 

@@ -49,8 +49,12 @@ CONTENDERS = (
     "fastapi_bare",
     "fastapi_floor",
     "fastapi_closed",
+    "raw_closed",
+    "raw_open",
 )
 BASELINES = {
+    "raw_closed": "harness",
+    "raw_open": "harness",
     "floor": "bare",
     "closed": "bare",
     "open": "bare",
@@ -135,13 +139,15 @@ def per_request(name: str, workdir: Path) -> tuple[dict[str, float], set[str]]:
     return counts, {first, second}
 
 
-def measure(jobs: int) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+def measure(
+    jobs: int, names: tuple[str, ...] = CONTENDERS
+) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
     """Per-request counts by contender, and the package source digests each one ran."""
     with (
         tempfile.TemporaryDirectory(prefix="instructions-") as tmp,
         ThreadPoolExecutor(max_workers=jobs) as pool,
     ):
-        futures = {name: pool.submit(per_request, name, Path(tmp)) for name in CONTENDERS}
+        futures = {name: pool.submit(per_request, name, Path(tmp)) for name in names}
         done = {name: future.result() for name, future in futures.items()}
     digests = {name: sorted(d) for name, (_, d) in done.items()}
     if len({d for ds in digests.values() for d in ds}) > 1:
@@ -152,10 +158,10 @@ def measure(jobs: int) -> tuple[dict[str, dict[str, float]], dict[str, list[str]
 def report(counts: dict[str, dict[str, float]]) -> dict[str, Any]:
     rows = []
     results: dict[str, Any] = {"per_request": counts, "overhead": {}, "ratios": {}}
-    for name in CONTENDERS:
+    for name in (n for n in CONTENDERS if n in counts):
         c = counts[name]
         over = ""
-        if name in BASELINES:
+        if BASELINES.get(name) in counts:
             base = counts[BASELINES[name]]
             diff = {event: c[event] - base[event] for event in EVENTS}
             results["overhead"][name] = diff
@@ -165,6 +171,8 @@ def report(counts: dict[str, dict[str, float]]) -> dict[str, Any]:
         )
     print_table(["contender", "instructions/request", "overhead", "L1i misses", "L1d misses"], rows)
     overhead = results["overhead"]
+    if set(counts) != set(CONTENDERS):  # --only: the table, no ratios
+        return results
     ratios = {
         "closed_overhead / floor_overhead": overhead["closed"]["Ir"] / overhead["floor"]["Ir"],
         "fastapi_closed_overhead / fastapi_floor_overhead": overhead["fastapi_closed"]["Ir"]
@@ -172,6 +180,8 @@ def report(counts: dict[str, dict[str, float]]) -> dict[str, Any]:
         "open_rejection / bare_request": counts["open"]["Ir"] / counts["bare"]["Ir"],
         "pass_through_overhead / floor_overhead": overhead["pass_through"]["Ir"]
         / overhead["floor"]["Ir"],
+        # Both on a raw ASGI app: the load-shedding path against a whole closed request.
+        "raw_open / raw_closed": counts["raw_open"]["Ir"] / counts["raw_closed"]["Ir"],
     }
     print()
     print_table(["ratio (instructions)", "value"], [[k, f"{v:.2f}"] for k, v in ratios.items()])
@@ -184,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="check the child mode, no valgrind")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="valgrinds at once")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--only", help="comma-separated contenders (a quick look; no ratios)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # NAMES REQUESTS WARMUP
     args = parser.parse_args(argv)
     clean_environment()
@@ -209,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         f" {info['cpu_model']}, Python {info['python']}, commit {describe(info)}"
     )
     started = time.perf_counter()
-    counts, digests = measure(max(1, args.jobs))
+    names = tuple(args.only.split(",")) if args.only else CONTENDERS
+    if unknown := set(names) - set(CONTENDERS):
+        parser.error(f"--only: unknown contenders {sorted(unknown)}")
+    counts, digests = measure(max(1, args.jobs), names)
     elapsed = time.perf_counter() - started
     finish(info)
     results = report(counts)

@@ -23,20 +23,25 @@ Environment: `LOG_LEVEL` (default `info`) sets the level of the `gateway_breaker
 printed to stdout; `UPSTREAM_CONNECT_TIMEOUT` (default 2) and `UPSTREAM_TIMEOUT` (default 30)
 bound, in seconds, connecting to an upstream and each read or write of one;
 `UPSTREAM_MAX_CONNECTIONS` (default 200) caps the connections open to the upstreams;
-`UPSTREAM_TRANSPORT` picks the HTTP engine under httpx's API: `aiohttp` (the default when aiohttp
-is installed, as with the `example` extra) or `httpx` (httpx's own; `httpx-aiohttp` too, for the
-benchmark only).
+`UPSTREAM_TRANSPORT` picks the HTTP client engine (examples/transport.py): `aiohttp` (the default
+when aiohttp is installed, as with the `example` extra) or `httpx` (httpx's own; `httpx-aiohttp`
+too, for the benchmark only).
+
+A proxied request passes RequestGuard, the breaker middleware and ProxyDispatch, which hands it
+to UpstreamProxy directly: FastAPI's router and exception layers are for `/healthz` and any route
+you add (docs/gateway-transport.md has what each layer costs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from examples import upstream as demo_upstream
+from examples.httpx_transport import HttpxTransport
+from examples.transport import AiohttpTransport, UpstreamResponse, UpstreamTransport
 from gateway_breaker import CircuitBreakerMiddleware, Config, ConfigError, RouteTable
 from gateway_breaker.config import CONFIG_PATH_ENV
 
@@ -76,12 +83,17 @@ HOP_BY_HOP = frozenset(
 SERVER_OWN = frozenset({b"date", b"server"})
 # RFC 9110 7.6.3: the protocol this hop received, and a pseudonym for this intermediary.
 VIA = b"1.1 gateway-breaker"
+VIA_TEXT = VIA.decode()
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_METHODS = frozenset(METHODS)
+_BODY_HEADERS = (b"content-length", b"transfer-encoding")
 # `httpx-aiohttp` is there to be measured (benchmarks/e2e_load.py), not to be run: version 0.2
 # maps a refused connection to httpx.ConnectTimeout, so a dead upstream would answer 504.
 TRANSPORTS = ("aiohttp", "httpx", "httpx-aiohttp")
 # Characters left as they are when the decoded path is re-encoded for the upstream.
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# A path of only these needs no re-encoding (the usual case: quote() is then skipped).
+_PATH_PLAIN = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=\-._~]*")
 # Path plus query. Servers' own limits differ (h11 refuses at 16 KiB of head, httptools has
 # none); the gateway's is the same whichever runs it.
 MAX_TARGET_BYTES = 8 * 1024
@@ -186,18 +198,20 @@ def refusal(scope: Scope) -> tuple[int, str, str] | None:
     query: bytes = scope.get("query_string", b"")
     if len(raw) + len(query) > MAX_TARGET_BYTES:
         return 414, "URI Too Long", f"the request target is over {MAX_TARGET_BYTES} bytes"
-    if _BAD_ESCAPE.search(raw):
+    escaped = b"%" in raw  # the usual path has none: the escape checks cannot fail then
+    if escaped and _BAD_ESCAPE.search(raw):
         return 400, "Bad Request", "malformed percent-encoding in the path"
     try:
-        unquote_to_bytes(raw).decode("utf-8")
+        (unquote_to_bytes(raw) if escaped else raw).decode("utf-8")
     except UnicodeDecodeError:
         return 400, "Bad Request", "the path is not UTF-8 once percent-decoded"
-    if _ENCODED_SEPARATOR.search(raw):
+    if escaped and _ENCODED_SEPARATOR.search(raw):
         return 400, "Bad Request", "an encoded '/' or '\\' in the path"
     path: str = scope["path"]
     if "\\" in path or _CONTROL.search(path):
         return 400, "Bad Request", "a backslash or a control character in the path"
-    if any(segment in (".", "..") for segment in path.split("/")):
+    # Every segment follows a '/': a '.' or '..' one needs "/." somewhere.
+    if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return 400, "Bad Request", "a '.' or '..' segment in the path"
     return None
 
@@ -267,29 +281,30 @@ class UpstreamProxy:
         self.timeout = timeout
         self.transport = transport or upstream_transport()
         self.limits = upstream_limits()
-        self.extensions = {"timeout": timeout.as_dict()}
-        self.network: httpx.AsyncBaseTransport | None = None
-        self.by_service: dict[str, httpx.AsyncBaseTransport] = {}
+        self.network: UpstreamTransport | None = None
+        self.by_service: dict[str, UpstreamTransport] = {}
 
     def open_transports(self) -> None:
         """The network transport and the in-process demo upstream, picked per service once.
 
-        The proxy speaks httpx's transport API (`httpx.Request` in, streamed `httpx.Response`
-        out) without an `httpx.AsyncClient` on top: the client's per-request work (cookie
-        persistence, auth and redirect flows, URL merging) is what a proxy must not do, and it
-        cost about a third of the gateway's CPU (docs/e2e-and-restore.md).
+        The proxy speaks the narrow interface of examples/transport.py (method, URL, headers,
+        body in; status, raw headers, body chunks out): no client-side request or response
+        objects, and no `httpx.AsyncClient`, whose per-request work (cookie persistence, auth
+        and redirect flows, URL merging) is what a proxy must not do.
         """
         if self.transport == "aiohttp":
-            from examples.transport import AiohttpTransport
-
-            self.network = AiohttpTransport(limits=self.limits)
+            self.network = AiohttpTransport(limits=self.limits, timeout=self.timeout)
         elif self.transport == "httpx-aiohttp":
             import httpx_aiohttp
 
-            self.network = httpx_aiohttp.AiohttpTransport(limits=self.limits, trust_env=False)
+            engine: httpx.AsyncBaseTransport = httpx_aiohttp.AiohttpTransport(
+                limits=self.limits, trust_env=False
+            )
+            self.network = HttpxTransport(engine, self.timeout)
         else:
-            self.network = httpx.AsyncHTTPTransport(limits=self.limits, trust_env=False)
-        demo = httpx.ASGITransport(app=demo_upstream.app)
+            engine = httpx.AsyncHTTPTransport(limits=self.limits, trust_env=False)
+            self.network = HttpxTransport(engine, self.timeout)
+        demo = HttpxTransport(httpx.ASGITransport(app=demo_upstream.app), self.timeout)
         self.by_service = {
             name: demo if httpx.URL(url).host == httpx.URL(DEMO_UPSTREAM).host else self.network
             for name, url in self.upstreams.items()
@@ -307,22 +322,27 @@ class UpstreamProxy:
         if service is None:
             await _send_problem(send, 404, "Not Found", f"no service is configured for {path}")
             return
+        await self.forward(service, path, scope, receive, send)
+
+    async def forward(
+        self, service: str, path: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Forwards the request for `path` (below the root path) to `service`'s upstream."""
         if not self.by_service:  # run without lifespan events: open on first use
             logger.warning("No lifespan startup ran; opening the upstream transport on first use")
             self.open_transports()
         prefix = self.prefixes[service]
         rest = path if prefix == "/" else path[len(prefix) :]
-        url = self.upstreams[service] + quote(rest, safe=PATH_SAFE)
-        query: bytes = scope.get("query_string", b"")
+        url = self.upstreams[service] + (
+            rest if _PATH_PLAIN.fullmatch(rest) else quote(rest, safe=PATH_SAFE)
+        )
+        query: bytes = scope["query_string"]
         if query:
             url += "?" + query.decode("latin-1")
         headers, has_body = _forward_headers(scope)
         body = _RequestBody(receive) if has_body else None
-        upstream_request = httpx.Request(
-            scope["method"], url, headers=headers, content=body, extensions=self.extensions
-        )
         try:
-            upstream = await self.by_service[service].handle_async_request(upstream_request)
+            upstream = await self.by_service[service].send(scope["method"], url, headers, body)
         except Exception as exc:
             if body is not None and body.disconnected:
                 _log_gone(service, "while sending its body")
@@ -347,26 +367,19 @@ class UpstreamProxy:
 
     async def _relay(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         service: str,
         body: _RequestBody | None,
         receive: Receive,
         send: Send,
     ) -> None:
-        hop = _connection_tokens(upstream.headers.get_list("connection")) | SERVER_OWN
-        headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in hop]
-        headers.append((b"via", VIA))
+        start: Message = {"type": "http.response.start", "status": upstream.status}
+        start["headers"] = _response_headers(upstream.headers)
         # A response in one piece (the usual small answer) is sent in one message. A longer one
         # is relayed chunk by chunk while watching receive(), the only way the server tells of
         # a client that left, so that a response the client never gets is never completed.
-        # The transport's own stream: Response.aiter_raw() adds re-chunking a relay has no use for.
-        stream = upstream.stream
-        assert isinstance(stream, httpx.AsyncByteStream)
-        chunks = aiter(stream)
-        first = await anext(chunks, b"")
-        start: Message = {"type": "http.response.start", "status": upstream.status_code}
-        start["headers"] = headers
-        if not first or upstream.headers.get("content-length") == str(len(first)):
+        first = await upstream.read_chunk()
+        if not first or upstream.content_length == len(first):
             await send(start)
             await send({"type": "http.response.body", "body": first, "more_body": False})
             return
@@ -374,13 +387,13 @@ class UpstreamProxy:
         try:
             await send(start)
             await send({"type": "http.response.body", "body": first, "more_body": True})
-            chunk = await anext(chunks, None)
-            while chunk is not None:
+            chunk = await upstream.read_chunk()
+            while chunk:
                 if gone is not None and gone.done():
                     _log_gone(service, "before the whole response")
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                chunk = await anext(chunks, None)
+                chunk = await upstream.read_chunk()
             if gone is not None and gone.done():
                 _log_gone(service, "before the whole response")
                 return
@@ -392,49 +405,79 @@ class UpstreamProxy:
                 gone.cancel()
 
 
+class ProxyDispatch:
+    """Pure ASGI, inside the breakers: sends a request under a service's prefix straight to the
+    proxy, past the framework's routing and exception layers (the proxy answers its own
+    errors); everything else (`/healthz`, the app's own routes, 404s, 405s) goes on to the app.
+    """
+
+    def __init__(self, app: ASGIApp, proxy: UpstreamProxy, own_paths: frozenset[str]) -> None:
+        self.app = app
+        self.proxy = proxy
+        self.own_paths = own_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in _METHODS:
+            path = route_path(scope)
+            if path not in self.own_paths and (service := self.proxy.routes.match(path)):
+                await self.proxy.forward(service, path, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _log_gone(service: str, when: str) -> None:
     logger.debug("Client disconnected %s (service=%s); the call counts for nothing", when, service)
 
 
-def _connection_tokens(values: list[str]) -> frozenset[bytes]:
+def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     """Hop-by-hop headers plus any the Connection header names."""
-    named = {token.strip().lower().encode("latin-1") for v in values for token in v.split(",")}
+    named = {token.strip().lower() for v in values for token in v.split(b",")}
     return HOP_BY_HOP | named
 
 
-def _forward_headers(scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
+def _response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's end-to-end headers, less `Date` and `Server` (uvicorn sends its own),
+    plus Via."""
+    connection = [v for k, v in raw if k.lower() == b"connection"]
+    hop = (_connection_tokens(connection) if connection else HOP_BY_HOP) | SERVER_OWN
+    headers = [(k, v) for k, v in raw if k.lower() not in hop]
+    headers.append((b"via", VIA))
+    return headers
+
+
+def _forward_headers(scope: Scope) -> tuple[list[tuple[str, str]], bool]:
     """The client's end-to-end headers plus X-Forwarded-* and Via; whether a body follows."""
     raw: list[tuple[bytes, bytes]] = scope["headers"]
-    connection = [v.decode("latin-1") for k, v in raw if k == b"connection"]
+    connection = [v for k, v in raw if k == b"connection"]
     hop = _connection_tokens(connection) if connection else HOP_BY_HOP
-    headers: list[tuple[bytes, bytes]] = []
-    forwarded_for: list[bytes] = []
+    headers: list[tuple[str, str]] = []
+    forwarded_for: list[str] = []
     has_body = proto = host = False
-    host_value: bytes | None = None
-    via: list[bytes] = []
+    host_value: str | None = None
+    via: list[str] = []
     for name, value in raw:
-        if name in (b"content-length", b"transfer-encoding"):
+        if name in _BODY_HEADERS:
             has_body = True
         if name == b"x-forwarded-for":
-            forwarded_for.append(value)
+            forwarded_for.append(value.decode("latin-1"))
         elif name == b"via":
-            via.append(value)
+            via.append(value.decode("latin-1"))
         elif name not in hop:
             proto = proto or name == b"x-forwarded-proto"
             host = host or name == b"x-forwarded-host"
-            headers.append((name, value))
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
         elif name == b"host":
-            host_value = value
+            host_value = value.decode("latin-1")
     client = scope.get("client")
     if client:
-        forwarded_for.append(client[0].encode("latin-1"))
+        forwarded_for.append(client[0])
     if forwarded_for:
-        headers.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+        headers.append(("x-forwarded-for", ", ".join(forwarded_for)))
     if not proto:
-        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+        headers.append(("x-forwarded-proto", scope.get("scheme", "http")))
     if not host and host_value is not None:
-        headers.append((b"x-forwarded-host", host_value))
-    headers.append((b"via", b", ".join([*via, VIA])))
+        headers.append(("x-forwarded-host", host_value))
+    headers.append(("via", ", ".join([*via, VIA_TEXT]) if via else VIA_TEXT))
     return headers, has_body
 
 
@@ -471,6 +514,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         proxy.open_transports()
+        # What start-up made (modules, the framework, config models) lives as long as the
+        # process: out of the collector's sight, a full collection no longer walks all of it.
+        gc.freeze()
         try:
             yield
         finally:
@@ -484,6 +530,9 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.proxy = proxy
+    # Added first: innermost. Outermost first, a proxied request meets RequestGuard, then the
+    # breakers, then ProxyDispatch, which hands it to the proxy (no router, no FastAPI layers).
+    app.add_middleware(ProxyDispatch, proxy=proxy, own_paths=frozenset({"/healthz"}))
     app.add_middleware(CircuitBreakerMiddleware, config=config)
     app.add_middleware(RequestGuard)  # added last: outermost, before any breaker
 
@@ -491,7 +540,8 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    # The proxy is a plain ASGI endpoint: no FastAPI request parsing on the hot path.
+    # Whatever ProxyDispatch leaves (a path under no service, a method the proxy does not
+    # forward) reaches the router: the proxy answers 404 for the paths, the router 405.
     app.router.routes.append(Route("/{path:path}", proxy, methods=METHODS, include_in_schema=False))
     return app
 

@@ -1,30 +1,33 @@
-"""An httpx transport over aiohttp's client: httpx's API, aiohttp's faster HTTP/1.1 engine.
+"""The proxy's upstream client: a small interface, and its default engine over aiohttp.
 
-The example gateway keeps `httpx.AsyncClient` as its client API (mounts, timeouts, limits,
-streaming) and plugs this transport in underneath; `benchmarks/e2e_load.py` measures it against
-httpx's own transport and `httpx-aiohttp` (see docs/e2e-and-restore.md for the figures and for
-why this one).
+The example gateway forwards each request with `transport.send(method, url, headers, body)`
+and relays the `UpstreamResponse` it gets back: status, raw headers, body chunk by chunk. The
+interface is this narrow on purpose: a proxy needs no client-side request or response objects
+(building an `httpx.Request` and `httpx.Response` per call, URL parsing included, was a fifth
+of the gateway's CPU; see docs/gateway-transport.md). `examples/httpx_transport.py` puts any
+httpx transport (httpx's own, the in-process demo upstream) behind the same interface.
 
-What it keeps of httpx's contract:
+What `AiohttpTransport` keeps of httpx's contract, so that both engines behave alike:
 - Timeouts: `connect` bounds opening a connection, `pool` waiting for a free one (aiohttp counts
   both in one budget, their sum), `read` each wait for response bytes. A connect timeout raises
   `httpx.ConnectTimeout`, a read timeout `httpx.ReadTimeout`; a refused or unresolvable connection
   `httpx.ConnectError`; a connection the upstream drops `httpx.RemoteProtocolError` or
-  `httpx.ReadError`. aiohttp has no write timeout of its own: a stalled upload is bounded by
-  the upstream's read timeout as it waits for the answer.
+  `httpx.ReadError` (httpx's exception classes are the proxy's error vocabulary). aiohttp has no
+  write timeout of its own: a stalled upload is bounded by the upstream's read timeout as it
+  waits for the answer.
 - Limits: `max_connections` caps open connections (a request waits for one, up to `pool`);
   `keepalive_expiry` closes idle ones. aiohttp keeps every released connection up to that cap,
   so `max_keepalive_connections` has no separate effect.
 - Bodies stream both ways, unmodified: no decompression, no added `Content-Type`, no cookie jar
   (a gateway must never carry one client's cookies to the next request), no redirects, no
-  re-quoting of the URL httpx built.
+  re-quoting of the URL the proxy built.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterable, Sequence
+from typing import Protocol
 
 import aiohttp
 import httpx
@@ -33,14 +36,55 @@ from yarl import URL
 # aiohttp adds these when a request lacks them; a proxy forwards what the client sent, no more.
 _SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
+Headers = Sequence[tuple[str, str]]
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends httpx requests through one `aiohttp.ClientSession`, made in the running loop."""
 
-    def __init__(self, *, limits: httpx.Limits | None = None) -> None:
-        self.limits = limits or httpx.Limits()
+class UpstreamResponse(Protocol):
+    """An upstream's answer, its body not read yet."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """As received: names in any case, repeats kept."""
+        ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body as it arrives; b"" at the end."""
+        ...
+
+    async def aclose(self) -> None:
+        """Give the connection back (to be reused when the body was read to its end)."""
+        ...
+
+
+class UpstreamTransport(Protocol):
+    async def send(
+        self, method: str, url: str, headers: Headers, body: AsyncIterable[bytes] | None
+    ) -> UpstreamResponse:
+        """Send one request (`url` already percent-encoded); raises httpx.TransportError."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpTransport:
+    """Sends requests through one `aiohttp.ClientSession`, made in the running loop."""
+
+    def __init__(self, *, limits: httpx.Limits, timeout: httpx.Timeout) -> None:
+        self.limits = limits
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+        connect, pool = timeout.connect, timeout.pool
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None if connect is None or pool is None else connect + pool,
+            sock_connect=connect,
+            sock_read=timeout.read,
+        )
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -55,54 +99,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None),
+            timeout=self._timeout,
         )
         return self._session
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def send(
+        self, method: str, url: str, headers: Headers, body: AsyncIterable[bytes] | None
+    ) -> UpstreamResponse:
         session = self._session or self._open()
-        timeout: dict[str, float | None] = request.extensions.get("timeout", {})
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"transfer-encoding"]
-        data: Any = None
-        if isinstance(request.stream, httpx.ByteStream):
-            data = request.content or None
-        elif isinstance(request.stream, httpx.AsyncByteStream):
-            # Streamed: aiohttp sends it chunked unless the headers carry a Content-Length.
-            data = _body(request.stream)
-        else:
-            raise TypeError("AiohttpTransport needs an async request body")
         try:
+            # A streamed body is sent chunked unless the headers carry a Content-Length.
             response = await session.request(
-                request.method,
-                URL(str(request.url), encoded=True),
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
-                data=data,
-                allow_redirects=False,
-                timeout=self._timeout(timeout),
+                method, URL(url, encoded=True), headers=headers, data=body, allow_redirects=False
             )
         except Exception as exc:
-            raise _mapped(exc, request) from exc
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=_ResponseStream(response, request),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
-
-    def _timeout(self, timeout: dict[str, float | None]) -> aiohttp.ClientTimeout:
-        """aiohttp's timeouts for httpx's, made once per distinct set (usually one)."""
-        key = (timeout.get("connect"), timeout.get("pool"), timeout.get("read"))
-        made = self._timeouts.get(key)
-        if made is None:
-            connect, pool, read = key
-            made = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None,
-                connect=None if connect is None or pool is None else connect + pool,
-                sock_connect=connect,
-                sock_read=read,
-            )
-        return made
+            raise _mapped(exc) from exc
+        return _AiohttpResponse(response)
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -110,32 +122,26 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
-async def _body(stream: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        yield chunk
+class _AiohttpResponse:
+    __slots__ = ("_response", "content_length", "headers", "status")
 
-
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self._request = request
+        self.status = response.status
+        self.headers = response.raw_headers
+        self.content_length = response.content_length
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        while True:
-            try:
-                chunk = await content.readany()
-            except Exception as exc:
-                raise _mapped(exc, self._request) from exc
-            if not chunk:
-                return
-            yield chunk
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except Exception as exc:
+            raise _mapped(exc) from exc
 
     async def aclose(self) -> None:
         self._response.release()
 
 
-def _mapped(exc: Exception, request: httpx.Request) -> Exception:
+def _mapped(exc: Exception) -> Exception:
     """The httpx exception for an aiohttp one; anything else (a body iterator's own) as it is."""
     kind: type[httpx.TransportError]
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -154,4 +160,4 @@ def _mapped(exc: Exception, request: httpx.Request) -> Exception:
         kind = httpx.TransportError
     else:
         return exc
-    return kind(str(exc) or type(exc).__name__, request=request)
+    return kind(str(exc) or type(exc).__name__)

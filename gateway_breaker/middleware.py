@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway_breaker.breaker import CircuitBreaker
 from gateway_breaker.config import Config, check_service_name
 from gateway_breaker.manager import CircuitBreakerManager
+from gateway_breaker.rejection import Rejections
 from gateway_breaker.routing import RouteTable
 
 if TYPE_CHECKING:
@@ -189,28 +190,11 @@ class CircuitBreakerMiddleware:
         await self.app(scope, receive_lifespan, send_lifespan)
 
 
+_REJECTIONS = Rejections()
+
+
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:
-    retry_after = breaker.retry_after_header()
-    name, state = breaker.name, breaker.effective_state
-    if state == "closed":
-        state = "recovering"  # closed, and the recovery ramp did not admit this request
-    # Service names are validated (letters, digits, '_', '.', '-'): nothing to escape.
-    body = (
-        '{"type":"about:blank","title":"Service Unavailable","status":503,'
-        f'"detail":"Circuit breaker for service \'{name}\' is {state}",'
-        f'"service":"{name}","state":"{state}","retry_after":{retry_after}}}'
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(retry_after).encode()),
-                (b"cache-control", b"no-store"),
-                (b"x-circuit-breaker", state.encode()),  # tells breaker 503s from upstream 503s
-            ],
-        }
-    )
+    headers, body = _REJECTIONS.of(breaker)
+    # A copy of the kept list: an outer middleware may add to the headers it is sent.
+    await send({"type": "http.response.start", "status": 503, "headers": headers.copy()})
     await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,86 @@
+"""The 503 a breaker answers instead of calling the app, made once and reused.
+
+Rejecting is the load-shedding path: while a breaker is open it may answer most of a gateway's
+traffic, so it must cost less than letting a request through. Everything in the answer is fixed
+by the service, the reported state and the Retry-After value, and Retry-After changes at most
+once a second: the header list and the body are built the first time a combination is needed
+and kept (a bounded number of them), so a rejection only looks them up.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gateway_breaker.breaker import CircuitBreaker, CircuitState
+
+_OPEN = CircuitState.OPEN
+_FOREVER = math.inf
+
+# Combinations kept at once: services x states x Retry-After values (whole seconds) in use.
+MAX_KEPT = 4096
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Rejections:
+    """Header lists and problem+json bodies of 503s, by (service, state, Retry-After)."""
+
+    __slots__ = ("_made", "_open")
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[str, str, int], tuple[Headers, bytes]] = {}
+        # By service, while open: (open_until, clock range the answer holds for, the answer).
+        self._open: dict[str, tuple[float, float, float, Headers, bytes]] = {}
+
+    def of(self, breaker: CircuitBreaker) -> tuple[Headers, bytes]:
+        """The 503 for a call `breaker` just rejected.
+
+        The usual case, an automatic open breaker, is answered from the last answer while the
+        clock is in the second it holds for (Retry-After = ceil(open_until - now), at least 1):
+        one clock read and a few comparisons. Everything else (manual modes, half-open, the
+        recovery ramp) asks the breaker.
+        """
+        if breaker.state is _OPEN and breaker.manual is None:
+            now = breaker.clock()
+            until = breaker.open_until
+            kept = self._open.get(breaker.name)
+            if kept is not None and kept[0] == until and kept[1] < now <= kept[2]:
+                return kept[3], kept[4]
+            retry_after = max(1, math.ceil(until - now))
+            headers, body = self.answer(breaker.name, "open", retry_after)
+            # ceil(until - now) == retry_after for now in (until - r, until - r + 1]; 1 also after.
+            high = until - retry_after + 1 if retry_after > 1 else _FOREVER
+            self._open[breaker.name] = (until, until - retry_after, high, headers, body)
+            return headers, body
+        state = breaker.effective_state
+        if state == "closed":
+            state = "recovering"  # closed, and the recovery ramp did not admit this request
+        return self.answer(breaker.name, state, breaker.retry_after_header())
+
+    def answer(self, service: str, state: str, retry_after: int) -> tuple[Headers, bytes]:
+        """The headers and body of the 503 for `service` in `state` (already the reported one:
+        "open", "half_open", "forced_open", "recovering", ...), `retry_after` whole seconds."""
+        key = (service, state, retry_after)
+        made = self._made.get(key)
+        if made is None:
+            if len(self._made) >= MAX_KEPT:
+                self._made.clear()  # long open periods count down through many values
+            made = self._made[key] = build(service, state, retry_after)
+        return made
+
+
+def build(service: str, state: str, retry_after: int) -> tuple[Headers, bytes]:
+    # Service names are validated (letters, digits, '_', '.', '-'): nothing to escape.
+    body = (
+        '{"type":"about:blank","title":"Service Unavailable","status":503,'
+        f'"detail":"Circuit breaker for service \'{service}\' is {state}",'
+        f'"service":"{service}","state":"{state}","retry_after":{retry_after}}}'
+    ).encode()
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry_after).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-circuit-breaker", state.encode()),  # tells breaker 503s from upstream 503s
+    ]
+    return headers, body
