@@ -590,6 +590,14 @@ class RedisTopology:
     username: str | None = None
     password: str | None = None
 
+    def __repr__(self) -> str:
+        # The URL and the password are secrets: never in a repr (a log line, a traceback).
+        return (
+            f"RedisTopology(kind={self.kind!r}, url={redact_url(self.url)!r},"
+            f" hosts={self.hosts!r}, service_name={self.service_name!r}, db={self.db!r},"
+            f" username={self.username!r}, password={None if self.password is None else '***'!r})"
+        )
+
     @classmethod
     def parse(cls, url: str) -> RedisTopology:
         parts = urlsplit(url)
