@@ -72,8 +72,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Sent by the gateway's own server (uvicorn) on every response: the upstream's are dropped so
-# that a proxied response carries exactly one of each, like nginx's proxy does.
-SERVER_OWN = frozenset({b"date", b"server"})
+# that a proxied response carries exactly one of each, like nginx's proxy does. Also dropped:
+# `Service-Worker-Allowed`, with which an upstream's script could claim every path of the
+# gateway's origin (the admin dashboard's too) for its service worker.
+SERVER_OWN = frozenset({b"date", b"server", b"service-worker-allowed"})
 # RFC 9110 7.6.3: the protocol this hop received, and a pseudonym for this intermediary.
 VIA = b"1.1 gateway-breaker"
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

@@ -42,6 +42,8 @@ ENV_ALIASES = {
     "REDIS_URL": ("redis", "url"),
     "CIRCUIT_BREAKER_ENABLED": ("circuit_breaker", "enabled"),
     "GATEWAY_BREAKER_ADMIN_TOKEN": ("admin", "token"),
+    "GATEWAY_BREAKER_ADMIN_PORT": ("admin", "port"),
+    "GATEWAY_BREAKER_ADMIN_HOST": ("admin", "host"),
 }
 
 _yaml_path: ContextVar[Path | None] = ContextVar("gateway_breaker_yaml_path", default=None)
@@ -275,6 +277,8 @@ class MetricsSettings(BaseModel):
 
     enabled: bool = False
     path: str = "/metrics"
+    admin_port: bool = False
+    """Serve /metrics on the admin listener (`admin.port`) instead of the gateway's port."""
 
     _check_path = field_validator("path")(classmethod(lambda cls, v: _check_mount_path(v)))
 
@@ -287,6 +291,11 @@ class AdminSettings(BaseModel):
     token: SecretStr | None = None
     """Bearer token every admin call must carry (env GATEWAY_BREAKER_ADMIN_TOKEN)."""
     path: str = "/_breakers"
+    port: int | None = Field(None, ge=1, le=65_535)
+    """A listener of its own for the admin API and dashboard (env GATEWAY_BREAKER_ADMIN_PORT):
+    then they are not served on the gateway's port at all."""
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
+    """Address of that listener (env GATEWAY_BREAKER_ADMIN_HOST)."""
 
     _check_path = field_validator("path")(classmethod(lambda cls, v: _check_mount_path(v)))
 
@@ -341,6 +350,14 @@ class Config(BaseSettings):
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     metrics: MetricsSettings = MetricsSettings()
     admin: AdminSettings = AdminSettings()
+
+    @model_validator(mode="after")
+    def _check_listeners(self) -> Config:
+        if self.admin.port is not None and self.admin.token is None:
+            raise ValueError("admin.port: the admin API is served only when admin.token is set")
+        if self.metrics.admin_port and self.admin.port is None:
+            raise ValueError("metrics.admin_port: needs admin.port (the admin listener)")
+        return self
 
     def __init__(self, **values: Any) -> None:
         try:

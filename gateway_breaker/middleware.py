@@ -16,6 +16,7 @@ from gateway_breaker.manager import CircuitBreakerManager
 from gateway_breaker.routing import RouteTable
 
 if TYPE_CHECKING:
+    from gateway_breaker.admin.listener import AdminListener
     from gateway_breaker.metrics import MetricsApp
 
 logger = logging.getLogger("gateway_breaker")
@@ -61,14 +62,26 @@ class CircuitBreakerMiddleware:
             self._metrics = metrics_app(manager, path=config.metrics.path)
         self._admin: ASGIApp | None = None  # the admin API, served only when a token is set
         self._admin_path = config.admin.path
+        self._listener: AdminListener | None = None
+        # Paths that belong to the operator surface: answered 404 here when it is served on
+        # its own port or switched off, never passed to an upstream (a token may ride along).
+        self._reserved: tuple[str, ...] = ()
+        if config.admin.token is not None:
+            self._reserved = (self._admin_path,)
         if self.enabled and config.admin.token is not None:
             from gateway_breaker.admin import admin_app
 
             self._admin = admin_app(manager, token=config.admin.token, path=self._admin_path)
+            if config.admin.port is not None:
+                self._listener = _admin_listener(config, self._admin, self._metrics)
+                self._admin = None
+                if config.metrics.admin_port:
+                    self._metrics = None
+                    self._reserved += (config.metrics.path,)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self._metrics
-        if metrics is not None and scope.get("path") == metrics.path:  # before any prefix
+        if metrics is not None and _at(scope, metrics.path):  # before any prefix
             await metrics(scope, receive, send)
             return
         if scope["type"] != "http" or not self.enabled:
@@ -76,6 +89,9 @@ class CircuitBreakerMiddleware:
                 receive = metrics.watch_lifespan(receive)  # several workers: the exporter
             if scope["type"] == "lifespan" and self.enabled:
                 await self._lifespan(scope, receive, send)
+                return
+            if self._reserved and scope["type"] == "http" and _reserved(scope, self._reserved):
+                await _not_here(send)
                 return
             await self.app(scope, receive, send)
             return
@@ -96,6 +112,9 @@ class CircuitBreakerMiddleware:
                 assert self._started is not None
                 await asyncio.shield(self._started)
             await self._admin(scope, receive, send)
+            return
+        if self._admin is None and self._reserved and _reserved(scope, self._reserved):
+            await _not_here(send)
             return
         service = self.routes.match(path)
         if service is None:
@@ -179,14 +198,65 @@ class CircuitBreakerMiddleware:
                 self._begin_start()
                 assert self._started is not None
                 await self._started
+            if message["type"] == "lifespan.startup" and self._listener is not None:
+                await self._listener.start()
             return message
 
         async def send_lifespan(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete" and self._owns_manager:
-                await self.manager.aclose()
+            if message["type"] == "lifespan.shutdown.complete":
+                if self._listener is not None:
+                    await self._listener.stop()
+                if self._owns_manager:
+                    await self.manager.aclose()
             await send(message)
 
         await self.app(scope, receive_lifespan, send_lifespan)
+
+
+def _admin_listener(config: Config, admin: ASGIApp, metrics: MetricsApp | None) -> AdminListener:
+    from gateway_breaker.admin.listener import AdminListener
+
+    app = admin
+    if metrics is not None and config.metrics.admin_port:
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            target = metrics if _at(scope, metrics.path) else admin
+            await target(scope, receive, send)
+
+    return AdminListener(app, config.admin.host, config.admin.port or 0)
+
+
+def _at(scope: Scope, path: str) -> bool:
+    """Whether the request is for `path` below the app's root path (if any)."""
+    here = scope.get("path")
+    return here == path or (
+        here is not None and here.endswith(path) and here == scope.get("root_path", "") + path
+    )
+
+
+def _reserved(scope: Scope, paths: tuple[str, ...]) -> bool:
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return any(path.startswith(p) and path[len(p) : len(p) + 1] in ("", "/") for p in paths)
+
+
+async def _not_here(send: Send) -> None:
+    body = b'{"type":"about:blank","title":"Not Found","status":404}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                (b"x-content-type-options", b"nosniff"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:
