@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway_breaker import CircuitBreakerManager
+from gateway_breaker import CircuitBreakerManager, Config
 from gateway_breaker.admin import admin_app
 from tests.unit.support import make_config
 
@@ -81,3 +81,23 @@ async def test_a_non_ascii_last_event_id_is_refused(
         headers=[*((k.encode(), v.encode()) for k, v in AUTH.items()), (b"last-event-id", value)],
     )
     assert answer.status_code in (400, 422)
+
+
+async def test_metrics_answer_under_a_root_path() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from gateway_breaker import CircuitBreakerMiddleware
+
+    async def fallback(request: object) -> PlainTextResponse:
+        return PlainTextResponse("app", status_code=404)
+
+    app = Starlette(routes=[Route("/{p:path}", fallback)])
+    config = Config(circuit_breaker={"services": {"sona": {}}}, metrics={"enabled": True})
+    app.add_middleware(CircuitBreakerMiddleware, config=config)
+    transport = httpx.ASGITransport(app=app, root_path="/api")
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        answer = await client.get("/api/metrics")
+        assert answer.status_code == 200
+        assert "gateway_breaker_state" in answer.text
