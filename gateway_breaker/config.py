@@ -353,8 +353,6 @@ class Config(BaseSettings):
 
     @model_validator(mode="after")
     def _check_listeners(self) -> Config:
-        if self.admin.port is not None and self.admin.token is None:
-            raise ValueError("admin.port: the admin API is served only when admin.token is set")
         if self.metrics.admin_port and self.admin.port is None:
             raise ValueError("metrics.admin_port: needs admin.port (the admin listener)")
         return self

@@ -72,12 +72,14 @@ class CircuitBreakerMiddleware:
             from gateway_breaker.admin import admin_app
 
             self._admin = admin_app(manager, token=config.admin.token, path=self._admin_path)
-            if config.admin.port is not None:
-                self._listener = _admin_listener(config, self._admin, self._metrics)
-                self._admin = None
-                if config.metrics.admin_port:
-                    self._metrics = None
-                    self._reserved += (config.metrics.path,)
+        if self.enabled and config.admin.port is not None:
+            moved = self._metrics if config.metrics.admin_port else None
+            if self._admin is not None or moved is not None:
+                self._listener = _admin_listener(config, self._admin, moved)
+            self._admin = None  # on its own port only
+            if moved is not None:
+                self._metrics = None
+                self._reserved += (config.metrics.path,)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self._metrics
@@ -213,15 +215,19 @@ class CircuitBreakerMiddleware:
         await self.app(scope, receive_lifespan, send_lifespan)
 
 
-def _admin_listener(config: Config, admin: ASGIApp, metrics: MetricsApp | None) -> AdminListener:
+def _admin_listener(
+    config: Config, admin: ASGIApp | None, metrics: MetricsApp | None
+) -> AdminListener:
+    """The admin listener's app: the admin API (when a token is set) and /metrics (if moved)."""
     from gateway_breaker.admin.listener import AdminListener
 
-    app = admin
-    if metrics is not None and config.metrics.admin_port:
-
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            target = metrics if _at(scope, metrics.path) else admin
-            await target(scope, receive, send)
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if metrics is not None and _at(scope, metrics.path):
+            await metrics(scope, receive, send)
+        elif admin is not None:
+            await admin(scope, receive, send)
+        elif scope["type"] == "http":
+            await _not_here(send)
 
     return AdminListener(app, config.admin.host, config.admin.port or 0)
 

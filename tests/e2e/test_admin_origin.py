@@ -110,3 +110,22 @@ def _answers(client: httpx.Client, path: str) -> bool:
         return client.get(path, headers=AUTH).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_the_example_gateway_serves_the_admin_surface_on_its_own_port(
+    start_gateway: StartGateway,
+) -> None:
+    admin_port = port_for.select_random()  # in place of examples/config.yaml's 9180
+    gateway = start_gateway(
+        example_config=True,
+        env={"GATEWAY_BREAKER_ADMIN_TOKEN": TOKEN, "GATEWAY_BREAKER_ADMIN_PORT": str(admin_port)},
+    )
+    admin = httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", trust_env=False, timeout=10)
+    try:
+        wait_until_sync(
+            lambda: _answers(admin, "/_breakers/breakers"), 10, 0.05, "the admin listener"
+        )
+        assert gateway.get("/_breakers/breakers", headers=AUTH).status_code == 404
+        assert gateway.get("/discovery/items").status_code == 200
+    finally:
+        admin.close()
