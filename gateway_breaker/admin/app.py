@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway_breaker.errors import ConfigError, StoreError, redact_secrets
+from gateway_breaker.policy import MAX_OVERRIDE_BYTES as MAX_POLICY_BYTES
 from gateway_breaker.policy import Policy
 
 if TYPE_CHECKING:
@@ -313,6 +314,10 @@ class AdminAPI:
             raise _unprocessable([{"field": "body", "message": "must be an object of fields"}])
         if not data:
             raise _unprocessable([{"field": "body", "message": "at least one field is needed"}])
+        if len(json.dumps(data, separators=(",", ":"))) > MAX_POLICY_BYTES:
+            # Stored as one value every instance reads back: no larger than they accept.
+            detail = f"a policy override must be at most {MAX_POLICY_BYTES} bytes of JSON"
+            raise _Problem(413, "Content Too Large", detail)
         fields = tuple(Policy.model_fields)
         # The same model as the config, strictly typed (JSON has types; "5" is not 5), over the
         # policy in force, so the answer names every bad field before anything changes.

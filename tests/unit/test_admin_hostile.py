@@ -101,3 +101,15 @@ async def test_metrics_answer_under_a_root_path() -> None:
         answer = await client.get("/api/metrics")
         assert answer.status_code == 200
         assert "gateway_breaker_state" in answer.text
+
+
+async def test_a_policy_patch_larger_than_any_instance_reads_back_is_413(
+    client: httpx.AsyncClient,
+) -> None:
+    codes = list(range(500, 600)) * 30
+    answer = await client.patch(
+        "/_breakers/breakers/sona/policy", headers=AUTH, json={"failure_status_codes": codes}
+    )
+    assert answer.status_code == 413
+    view = (await client.get("/_breakers/breakers/sona", headers=AUTH)).json()
+    assert view["policy_overridden"] is False
