@@ -201,6 +201,9 @@ def refusal(scope: Scope) -> tuple[int, str, str] | None:
         return 400, "Bad Request", "a backslash or a control character in the path"
     if any(segment in (".", "..") for segment in path.split("/")):
         return 400, "Bad Request", "a '.' or '..' segment in the path"
+    # `..;x` is `..` to an upstream that reads path parameters (Tomcat, Spring): refused too.
+    if ";" in path and any(s.partition(";")[0] in (".", "..") for s in path.split("/")):
+        return 400, "Bad Request", "a '.' or '..' segment (with parameters) in the path"
     return None
 
 

@@ -83,7 +83,10 @@ class CircuitBreakerMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self._metrics
-        if metrics is not None and _at(scope, metrics.path):  # before any prefix
+        if metrics is not None and (  # before any prefix; also below a root path
+            (here := scope.get("path")) == metrics.path
+            or (here is not None and here.endswith(metrics.path) and _at(scope, metrics.path))
+        ):
             await metrics(scope, receive, send)
             return
         if scope["type"] != "http" or not self.enabled:
@@ -115,7 +118,12 @@ class CircuitBreakerMiddleware:
                 await asyncio.shield(self._started)
             await self._admin(scope, receive, send)
             return
-        if self._admin is None and self._reserved and _reserved(scope, self._reserved):
+        if (
+            self._reserved
+            and self._admin is None
+            and path.startswith(self._reserved)
+            and _reserved(scope, self._reserved)
+        ):
             await _not_here(send)
             return
         service = self.routes.match(path)
@@ -149,7 +157,8 @@ class CircuitBreakerMiddleware:
             if kind == "http.response.start":
                 status = message["status"]
             elif (
-                kind == "http.response.body" and not message.get("more_body", False)
+                (kind == "http.response.body" or kind == "http.response.zerocopysend")
+                and not message.get("more_body", False)
             ) or kind == "http.response.pathsend":
                 complete = True
                 # Before the client has the whole response: its next request sees the outcome.
