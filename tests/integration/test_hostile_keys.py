@@ -214,3 +214,18 @@ def test_the_cli_answers_with_a_string_at_the_registry(
     for args in (["fleet"], ["status"], ["open", "discovery"], ["release", "discovery"]):
         assert main(["--config", str(path), *args]) == 0, capsys.readouterr().err
     assert "Redis did not answer" not in capsys.readouterr().err
+
+
+async def test_rejected_values_are_counted_in_the_metrics(
+    start: Any, redis_shared: RedisServer, key_prefix: str
+) -> None:
+    from gateway_breaker.metrics import BreakerCollector, text_format
+
+    (a,) = await start(1)
+    plant_instance(redis_shared.client(), key_prefix, "planted", "[1,2,3]")
+    await a.fleet()
+    await a.fleet()
+    assert a.store_rejected == {"instance": 2}
+    assert 'gateway_breaker_store_rejected_values_total{kind="instance"} 2.0' in (
+        text_format(BreakerCollector(a)).decode()
+    )
