@@ -47,7 +47,12 @@ CMD ["uvicorn", "examples.upstream:app", "--host", "0.0.0.0", "--port", "9001"]
 # The gateway, the default target. uvicorn picks uvloop and httptools by itself when they are
 # installed, as they are here.
 FROM runtime AS gateway
+# 9180: the admin API and dashboard on a listener of their own (served once
+# GATEWAY_BREAKER_ADMIN_TOKEN is set), never on the gateway's port where upstreams' pages live.
+ENV GATEWAY_BREAKER_ADMIN_PORT=9180 \
+    GATEWAY_BREAKER_ADMIN_HOST=0.0.0.0
 EXPOSE 8000
+EXPOSE 9180
 # slim has no curl: ask /healthz with the standard library.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]

@@ -79,8 +79,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Sent by the gateway's own server (uvicorn) on every response: the upstream's are dropped so
-# that a proxied response carries exactly one of each, like nginx's proxy does.
-SERVER_OWN = frozenset({b"date", b"server"})
+# that a proxied response carries exactly one of each, like nginx's proxy does. Also dropped:
+# `Service-Worker-Allowed`, with which an upstream's script could claim every path of the
+# gateway's origin (the admin dashboard's too) for its service worker.
+SERVER_OWN = frozenset({b"date", b"server", b"service-worker-allowed"})
 # RFC 9110 7.6.3: the protocol this hop received, and a pseudonym for this intermediary.
 VIA = b"1.1 gateway-breaker"
 VIA_TEXT = VIA.decode()
@@ -213,6 +215,9 @@ def refusal(scope: Scope) -> tuple[int, str, str] | None:
     # Every segment follows a '/': a '.' or '..' one needs "/." somewhere.
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return 400, "Bad Request", "a '.' or '..' segment in the path"
+    # `..;x` is `..` to an upstream that reads path parameters (Tomcat, Spring): refused too.
+    if ";" in path and any(s.partition(";")[0] in (".", "..") for s in path.split("/")):
+        return 400, "Bad Request", "a '.' or '..' segment (with parameters) in the path"
     return None
 
 

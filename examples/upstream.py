@@ -11,6 +11,7 @@ path, so one instance serves every prefix a gateway forwards: with the upstream
 - `/.../stream/{count}?delay=0.05`: 200, streamed: `count` lines of about 1 KiB (10,000 at
   most), `delay` seconds apart (60 s at most), to watch a response arrive piece by piece.
 - `/.../set-cookie?name=value`: 200 with a `Set-Cookie` for each query parameter.
+- `/.../response-headers?Name=value`: 200 with each query parameter as a response header.
 - `GET /_stats`: `{"requests": n}`, the requests served so far, `/_stats` itself excluded.
 - anything else: 200 with a JSON echo of the method, path, query, headers, body and the
   client's address (which tells whether a proxy reuses its connections).
@@ -57,6 +58,8 @@ def create_app() -> Starlette:
             return _stream(segments[-1], request.query_params.get("delay", "0.05"))
         if segments and segments[-1] == "set-cookie":
             return _set_cookie(request)
+        if segments and segments[-1] == "response-headers":
+            return _response_headers(request)
         return await _echo(request)
 
     return Starlette(
@@ -123,6 +126,14 @@ def _set_cookie(request: Request) -> Response:
     response = JSONResponse({"set": dict(request.query_params)})
     for name, value in request.query_params.items():
         response.set_cookie(name, value)
+    return response
+
+
+def _response_headers(request: Request) -> Response:
+    """Answers with each query parameter as a response header (what a hostile upstream sends)."""
+    response = JSONResponse({"headers": dict(request.query_params)})
+    for name, value in request.query_params.items():
+        response.headers[name] = value
     return response
 
 

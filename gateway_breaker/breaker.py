@@ -355,6 +355,7 @@ class CircuitBreaker:
     def start_ramp(self, closed_at: float) -> None:
         """Ramp calls up from 0 to 100% over `recovery_seconds` from `closed_at`."""
         recovery = self.policy.recovery_seconds
+        closed_at = min(closed_at, self.clock())  # a start in the future would never ramp up
         if recovery is None or self.state is not _CLOSED or closed_at + recovery <= self.clock():
             return
         self._ramp_from, self._ramp_until = closed_at, closed_at + recovery

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -308,8 +309,35 @@ def format_fleet(fleet: dict[str, Any], now: float, stale_after: float) -> str:
     return text + f"\nstore: {breakers(store, compare=False)}"
 
 
+# C0 (but newline), DEL, C1, and the bidirectional controls that reorder what a terminal shows.
+_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def emit(text: str, *, error: bool = False, flush: bool = False) -> None:
+    """Print `text`, with every control character from Redis (escape sequences, C1 and bidi
+    controls) shown as an escape, never sent to the terminal."""
+    print(_UNSAFE.sub(_escaped, text), file=sys.stderr if error else sys.stdout, flush=flush)
+
+
+def _finite(data: Any) -> Any:
+    """`data` with NaN and infinities as null: JSON has no such numbers."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
+
+
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=False))
+    # ASCII only: any other character (a C1 or bidi control among them) is a \u escape.
+    print(json.dumps(_finite(data), indent=2, sort_keys=False, allow_nan=False))
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -320,7 +348,7 @@ async def cmd_status(manager: CircuitBreakerManager, args: argparse.Namespace) -
     if args.json:
         _print_json({"store_up": manager.store_up, "breakers": views})
     else:
-        print(format_status(views))
+        emit(format_status(views))
     return OK
 
 
@@ -328,19 +356,19 @@ async def cmd_manual(manager: CircuitBreakerManager, args: argparse.Namespace) -
     mode = MANUAL_COMMANDS[args.command]
     view = await manager.set_manual(args.service, mode, seconds=args.seconds, reason=args.reason)
     until = f" until {_when(view.manual.until)}" if view.manual and view.manual.until else ""
-    print(f"{args.service}: {view.state}{until} (version {view.version})")
+    emit(f"{args.service}: {view.state}{until} (version {view.version})")
     return OK
 
 
 async def cmd_release(manager: CircuitBreakerManager, args: argparse.Namespace) -> int:
     view = await manager.clear_manual(args.service, reason=args.reason)
-    print(f"{args.service}: manual mode lifted, now {view.state} (version {view.version})")
+    emit(f"{args.service}: manual mode lifted, now {view.state} (version {view.version})")
     return OK
 
 
 async def cmd_reset(manager: CircuitBreakerManager, args: argparse.Namespace) -> int:
     view = await manager.reset(args.service, reason=args.reason)
-    print(f"{args.service}: reset, now {view.state} (version {view.version})")
+    emit(f"{args.service}: reset, now {view.state} (version {view.version})")
     return OK
 
 
@@ -349,7 +377,7 @@ async def cmd_history(manager: CircuitBreakerManager, args: argparse.Namespace) 
     if args.json:
         _print_json({"service": args.service, "history": events})
     else:
-        print(format_history(events))
+        emit(format_history(events))
     return OK
 
 
@@ -359,7 +387,7 @@ async def cmd_fleet(manager: CircuitBreakerManager, args: argparse.Namespace) ->
         _print_json(fleet)
     else:
         stale_after = 3 * manager.config.redis.sync_interval_seconds + 1
-        print(format_fleet(fleet, time.time(), stale_after))
+        emit(format_fleet(fleet, time.time(), stale_after))
     return OK
 
 
@@ -367,7 +395,10 @@ async def cmd_watch(manager: CircuitBreakerManager, args: argparse.Namespace) ->
     print("watching transitions (Ctrl-C to stop)", file=sys.stderr)
     async for event in manager.events():
         data = event.to_dict()
-        print(json.dumps(data) if args.json else format_event(data), flush=True)
+        if args.json:
+            print(json.dumps(_finite(data), allow_nan=False), flush=True)
+        else:
+            emit(format_event(data), flush=True)
     return OK
 
 
@@ -440,14 +471,14 @@ def _main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run(args))
     except Failure as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        emit(f"{PROG}: error: {exc}", error=True)
         return exc.code
     except KeyboardInterrupt:
         return OK if args.command == "watch" else 130
     except BrokenPipeError:
         return OK
     except Exception as exc:  # the promise: one line, never a traceback
-        print(f"{PROG}: error: {_one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        emit(f"{PROG}: error: {_one_line(f'{type(exc).__name__}: {exc}')}", error=True)
         return FAILED
 
 

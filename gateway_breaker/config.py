@@ -42,6 +42,8 @@ ENV_ALIASES = {
     "REDIS_URL": ("redis", "url"),
     "CIRCUIT_BREAKER_ENABLED": ("circuit_breaker", "enabled"),
     "GATEWAY_BREAKER_ADMIN_TOKEN": ("admin", "token"),
+    "GATEWAY_BREAKER_ADMIN_PORT": ("admin", "port"),
+    "GATEWAY_BREAKER_ADMIN_HOST": ("admin", "host"),
 }
 
 _yaml_path: ContextVar[Path | None] = ContextVar("gateway_breaker_yaml_path", default=None)
@@ -275,6 +277,8 @@ class MetricsSettings(BaseModel):
 
     enabled: bool = False
     path: str = "/metrics"
+    admin_port: bool = False
+    """Serve /metrics on the admin listener (`admin.port`) instead of the gateway's port."""
 
     _check_path = field_validator("path")(classmethod(lambda cls, v: _check_mount_path(v)))
 
@@ -287,6 +291,11 @@ class AdminSettings(BaseModel):
     token: SecretStr | None = None
     """Bearer token every admin call must carry (env GATEWAY_BREAKER_ADMIN_TOKEN)."""
     path: str = "/_breakers"
+    port: int | None = Field(None, ge=1, le=65_535)
+    """A listener of its own for the admin API and dashboard (env GATEWAY_BREAKER_ADMIN_PORT):
+    then they are not served on the gateway's port at all."""
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
+    """Address of that listener (env GATEWAY_BREAKER_ADMIN_HOST)."""
 
     _check_path = field_validator("path")(classmethod(lambda cls, v: _check_mount_path(v)))
 
@@ -300,6 +309,9 @@ class AdminSettings(BaseModel):
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if len(text) < 16:
             raise ValueError("must be at least 16 characters")  # never echo the value
+        if not (text.isascii() and text.isprintable()):
+            # An HTTP header carries no other characters: such a token could never be sent.
+            raise ValueError("must be printable ASCII (no accents, no control characters)")
         return value
 
 
@@ -339,12 +351,21 @@ class Config(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     admin: AdminSettings = AdminSettings()
 
+    @model_validator(mode="after")
+    def _check_listeners(self) -> Config:
+        if self.metrics.admin_port and self.admin.port is None:
+            raise ValueError("metrics.admin_port: needs admin.port (the admin listener)")
+        return self
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as exc:
             source = _yaml_path.get() or os.environ.get(CONFIG_PATH_ENV)
-            raise ConfigError.from_validation(exc, source=source) from None
+            env = {
+                i: name for i, e in enumerate(exc.errors()) if (name := _env_name(e["loc"], values))
+            }
+            raise ConfigError.from_validation(exc, source=source, env=env) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> Config:
@@ -387,6 +408,28 @@ class Config(BaseSettings):
         return self.circuit_breaker.policy(service)
 
 
+def _env_name(loc: tuple[int | str, ...], given: Mapping[str, Any]) -> str | None:
+    """The environment variable a bad value came from (not a keyword argument), if any."""
+    parts = [str(part) for part in loc]
+    here: Any = given
+    for part in parts:  # keyword arguments win over the environment
+        if isinstance(here, BaseModel):
+            here = here.model_dump(exclude_unset=True)
+        if not isinstance(here, Mapping) or part not in here:
+            break
+        here = here[part]
+    else:
+        return None
+    for env, target in ENV_ALIASES.items():
+        if tuple(parts[:2]) == target and env in os.environ:
+            return env
+    by_lower = {name.lower(): name for name in os.environ}
+    for n in range(len(parts), 0, -1):
+        if (name := by_lower.get("__".join(parts[:n]).lower())) is not None:
+            return name
+    return None
+
+
 def _existing_file(path: Path) -> Path:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (from {CONFIG_PATH_ENV} or from_yaml)")
@@ -397,13 +440,31 @@ def _yaml_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSe
     try:
         data = _load_yaml(path)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {redact_secrets(str(exc))}") from None
+        raise ConfigError(f"cannot read config file {path}: {_yaml_error(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     _check_keys(data, path, "")
     return InitSettingsSource(settings_cls, init_kwargs=data)
+
+
+def _yaml_error(exc: BaseException) -> str:
+    """What is wrong and where, never the text of the file: PyYAML quotes the offending line,
+    and that line may hold a token or a password."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(part for part in (exc.context, exc.problem) if part)
+        return where + _CONTROL_CHARS.sub("?", redact_secrets(what))[:160]
+    if isinstance(exc, yaml.YAMLError):
+        return "not valid YAML"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 (byte {exc.start})"
+    return redact_secrets(str(exc))
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _check_keys(data: Any, path: Path, where: str) -> None:
@@ -521,6 +582,7 @@ def _load_yaml(path: Path) -> Any:
         if node is None:
             return None
         _check_expansion(node, path)
+        _check_numbers(node, path)
         try:
             return loader.construct_document(node)
         except RecursionError:
@@ -542,6 +604,11 @@ def _check_expansion(root: yaml.Node, path: Path) -> None:
             open_nodes.discard(key)
             total = 1 + sum(sizes[id(c)] for c in children)
             if total > MAX_YAML_NODES:
+                if _distinct_nodes(root) > MAX_YAML_NODES:
+                    raise ConfigError(
+                        f"config file {path} holds more than {MAX_YAML_NODES} values"
+                        " (keys and values): too large, refused"
+                    )
                 raise ConfigError(
                     f"config file {path} expands to more than {MAX_YAML_NODES} values"
                     " (YAML aliases): refused"
@@ -555,6 +622,49 @@ def _check_expansion(root: yaml.Node, path: Path) -> None:
         open_nodes.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+MAX_NUMBER_CHARS = 100
+"""Digits in one number of the file: Python refuses to read an int of over 4,300 digits."""
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _distinct_nodes(root: yaml.Node) -> int:
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(_children(node))
+    return len(seen)
+
+
+def _check_numbers(root: yaml.Node, path: Path) -> None:
+    """Refuse a number too long to be a setting, naming its field (before it is converted)."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
+                shown = redact_secrets(where or "(root)")[:120]
+                raise ConfigError(
+                    f"invalid configuration in {path}:\n  {shown}: a number of"
+                    f" {len(node.value)} characters is out of range"
+                )
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(
+                (child, f"{where}.{i}" if where else str(i)) for i, child in enumerate(node.value)
+            )
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                stack.append((key, where))
+                stack.append((value, f"{where}.{name}" if where else str(name)))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

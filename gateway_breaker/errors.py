@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,10 +34,15 @@ class ConfigError(GatewayBreakerError, ValueError):
 
     @classmethod
     def from_validation(
-        cls, exc: ValidationError, source: os.PathLike[str] | str | None = None
+        cls,
+        exc: ValidationError,
+        source: os.PathLike[str] | str | None = None,
+        env: Mapping[int, str] | None = None,
     ) -> ConfigError:
+        """`env`: error index -> the environment variable its value came from."""
+        env = env or {}
         lines = []
-        for error in exc.errors():
+        for i, error in enumerate(exc.errors()):
             where = ".".join(str(part) for part in error["loc"]) or "(root)"
             message = error["msg"]
             if error["type"] == "extra_forbidden":
@@ -45,8 +51,11 @@ class ConfigError(GatewayBreakerError, ValueError):
             if not secret and error["type"] not in ("missing", "extra_forbidden"):
                 shown = redact_secrets(repr(error.get("input")))
                 message += f" (got {shown[:80]})"
+            if i in env:
+                message += f" (from environment variable {env[i]})"
             lines.append(f"{where}: {message}")
-        origin = f" in {os.fspath(source)}" if source is not None else ""
+        from_file = len(env) < len(lines)
+        origin = f" in {os.fspath(source)}" if source is not None and from_file else ""
         # Keys are shown too, and a misplaced URL may be a key.
         return cls(redact_secrets(f"invalid configuration{origin}:\n  " + "\n  ".join(lines)))
 

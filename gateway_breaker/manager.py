@@ -156,6 +156,12 @@ class CircuitBreakerManager:
         """Failed store operations by kind (`write`, `load`, `probe`, ...) since start."""
         return {} if self._sync is None else dict(self._sync.errors)
 
+    @property
+    def store_rejected(self) -> Mapping[str, int]:
+        """Unusable values read from the store and ignored or repaired, by kind, since start."""
+        rejected = None if self._sync is None else getattr(self._sync.store, "rejected", None)
+        return {} if rejected is None else dict(rejected.counts)
+
     def services(self) -> list[str]:
         """Every service with a breaker (configured ones are created at start), sorted."""
         return sorted({*self.config.circuit_breaker.services, *self._breakers})

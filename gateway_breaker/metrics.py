@@ -151,6 +151,14 @@ FAMILIES = (
         unit="{error}",
     ),
     Family(
+        "gateway_breaker_store_rejected_values",
+        "counter",
+        "Unusable values read from Redis and ignored or repaired, by kind (registry, instance,"
+        " history, policy, future_time)",
+        ("kind",),
+        unit="{value}",
+    ),
+    Family(
         "gateway_breaker_instance_info",
         "gauge",
         "1, labelled with this instance's id (as in the fleet view) and its store",
@@ -330,6 +338,8 @@ def _readings(manager: CircuitBreakerManager, name: str, views: list[BreakerView
         return [] if up is None else [((), 1.0 if up else 0.0)]
     if name == "gateway_breaker_store_errors":
         return [((op,), float(n)) for op, n in sorted(manager.store_errors.items())]
+    if name == "gateway_breaker_store_rejected_values":
+        return [((kind,), float(n)) for kind, n in sorted(manager.store_rejected.items())]
     if name == "gateway_breaker_instance_info":
         return [((manager.instance_id, manager.store_kind), 1.0)]
     raise AssertionError(f"no reading for {name}")

@@ -17,6 +17,7 @@ from gateway_breaker.rejection import Rejections
 from gateway_breaker.routing import RouteTable
 
 if TYPE_CHECKING:
+    from gateway_breaker.admin.listener import AdminListener
     from gateway_breaker.metrics import MetricsApp
 
 logger = logging.getLogger("gateway_breaker")
@@ -62,14 +63,31 @@ class CircuitBreakerMiddleware:
             self._metrics = metrics_app(manager, path=config.metrics.path)
         self._admin: ASGIApp | None = None  # the admin API, served only when a token is set
         self._admin_path = config.admin.path
+        self._listener: AdminListener | None = None
+        # Paths that belong to the operator surface: answered 404 here when it is served on
+        # its own port or switched off, never passed to an upstream (a token may ride along).
+        self._reserved: tuple[str, ...] = ()
+        if config.admin.token is not None:
+            self._reserved = (self._admin_path,)
         if self.enabled and config.admin.token is not None:
             from gateway_breaker.admin import admin_app
 
             self._admin = admin_app(manager, token=config.admin.token, path=self._admin_path)
+        if self.enabled and config.admin.port is not None:
+            moved = self._metrics if config.metrics.admin_port else None
+            if self._admin is not None or moved is not None:
+                self._listener = _admin_listener(config, self._admin, moved)
+            self._admin = None  # on its own port only
+            if moved is not None:
+                self._metrics = None
+                self._reserved += (config.metrics.path,)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self._metrics
-        if metrics is not None and scope.get("path") == metrics.path:  # before any prefix
+        if metrics is not None and (  # before any prefix; also below a root path
+            (here := scope.get("path")) == metrics.path
+            or (here is not None and here.endswith(metrics.path) and _at(scope, metrics.path))
+        ):
             await metrics(scope, receive, send)
             return
         if scope["type"] != "http" or not self.enabled:
@@ -77,6 +95,9 @@ class CircuitBreakerMiddleware:
                 receive = metrics.watch_lifespan(receive)  # several workers: the exporter
             if scope["type"] == "lifespan" and self.enabled:
                 await self._lifespan(scope, receive, send)
+                return
+            if self._reserved and scope["type"] == "http" and _reserved(scope, self._reserved):
+                await _not_here(send)
                 return
             await self.app(scope, receive, send)
             return
@@ -97,6 +118,14 @@ class CircuitBreakerMiddleware:
                 assert self._started is not None
                 await asyncio.shield(self._started)
             await self._admin(scope, receive, send)
+            return
+        if (
+            self._reserved
+            and self._admin is None
+            and path.startswith(self._reserved)
+            and _reserved(scope, self._reserved)
+        ):
+            await _not_here(send)
             return
         service = self.routes.match(path)
         if service is None:
@@ -129,7 +158,8 @@ class CircuitBreakerMiddleware:
             if kind == "http.response.start":
                 status = message["status"]
             elif (
-                kind == "http.response.body" and not message.get("more_body", False)
+                (kind == "http.response.body" or kind == "http.response.zerocopysend")
+                and not message.get("more_body", False)
             ) or kind == "http.response.pathsend":
                 complete = True
                 # Before the client has the whole response: its next request sees the outcome.
@@ -180,17 +210,72 @@ class CircuitBreakerMiddleware:
                 self._begin_start()
                 assert self._started is not None
                 await self._started
+            if message["type"] == "lifespan.startup" and self._listener is not None:
+                await self._listener.start()
             return message
 
         async def send_lifespan(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete" and self._owns_manager:
-                await self.manager.aclose()
+            if message["type"] == "lifespan.shutdown.complete":
+                if self._listener is not None:
+                    await self._listener.stop()
+                if self._owns_manager:
+                    await self.manager.aclose()
             await send(message)
 
         await self.app(scope, receive_lifespan, send_lifespan)
 
 
 _REJECTIONS = Rejections()
+
+
+def _admin_listener(
+    config: Config, admin: ASGIApp | None, metrics: MetricsApp | None
+) -> AdminListener:
+    """The admin listener's app: the admin API (when a token is set) and /metrics (if moved)."""
+    from gateway_breaker.admin.listener import AdminListener
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if metrics is not None and _at(scope, metrics.path):
+            await metrics(scope, receive, send)
+        elif admin is not None:
+            await admin(scope, receive, send)
+        elif scope["type"] == "http":
+            await _not_here(send)
+
+    return AdminListener(app, config.admin.host, config.admin.port or 0)
+
+
+def _at(scope: Scope, path: str) -> bool:
+    """Whether the request is for `path` below the app's root path (if any)."""
+    here = scope.get("path")
+    return here == path or (
+        here is not None and here.endswith(path) and here == scope.get("root_path", "") + path
+    )
+
+
+def _reserved(scope: Scope, paths: tuple[str, ...]) -> bool:
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return any(path.startswith(p) and path[len(p) : len(p) + 1] in ("", "/") for p in paths)
+
+
+async def _not_here(send: Send) -> None:
+    body = b'{"type":"about:blank","title":"Not Found","status":404}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                (b"x-content-type-options", b"nosniff"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _reject(breaker: CircuitBreaker, send: Send) -> None:

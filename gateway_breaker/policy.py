@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+MAX_OVERRIDE_BYTES = 8192
+"""A live policy override's JSON: refused on write, ignored on read, above this size."""
 _RANGE = re.compile(r"^\s*(\d{3})\s*-\s*(\d{3})\s*$")
 _CLASS = re.compile(r"^\s*([1-5])[xX]{2}\s*$")
 

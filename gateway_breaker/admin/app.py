@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway_breaker.errors import ConfigError, StoreError, redact_secrets
+from gateway_breaker.policy import MAX_OVERRIDE_BYTES as MAX_POLICY_BYTES
 from gateway_breaker.policy import Policy
 
 if TYPE_CHECKING:
@@ -65,6 +67,12 @@ _PAGE_HEADERS = {
     "x-frame-options": "DENY",
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
+    # Scripts, styles and connections from the dashboard's own origin only, nothing inline.
+    "content-security-policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+        " connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none';"
+        " frame-ancestors 'none'"
+    ),
 }
 ONE_LINE = r"^[^\x00-\x1f\x7f]*$"  # JSON Schema and pydantic: `$` is the end of the text
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -293,7 +301,7 @@ class AdminAPI:
     async def history(self, request: Request) -> Response:
         service = self._service(request)
         raw = request.query_params.get("limit", "50")
-        if not (raw.isdigit() and 1 <= int(raw) <= 1000):
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
             raise _unprocessable([{"field": "limit", "message": "an integer in 1..1000"}])
         events = await self._store_call(service, self.manager.history(service, limit=int(raw)))
         body = {"service": service, "history": [_event_json(event) for event in events]}
@@ -306,6 +314,10 @@ class AdminAPI:
             raise _unprocessable([{"field": "body", "message": "must be an object of fields"}])
         if not data:
             raise _unprocessable([{"field": "body", "message": "at least one field is needed"}])
+        if len(json.dumps(data, separators=(",", ":"))) > MAX_POLICY_BYTES:
+            # Stored as one value every instance reads back: no larger than they accept.
+            detail = f"a policy override must be at most {MAX_POLICY_BYTES} bytes of JSON"
+            raise _Problem(413, "Content Too Large", detail)
         fields = tuple(Policy.model_fields)
         # The same model as the config, strictly typed (JSON has types; "5" is not 5), over the
         # policy in force, so the answer names every bad field before anything changes.
@@ -331,7 +343,7 @@ class AdminAPI:
         raw = request.headers.get("last-event-id")
         after: int | None = None
         if raw is not None and raw.strip():
-            if not raw.strip().isdigit() or len(raw.strip()) > 18:
+            if not (raw.strip().isascii() and raw.strip().isdigit()) or len(raw.strip()) > 18:
                 raise _unprocessable([{"field": "Last-Event-ID", "message": "an event id"}])
             after = int(raw.strip())
         return EventStreamResponse(self.manager, after)
@@ -529,6 +541,30 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return problem(500, "Internal Server Error", "the admin API failed; see the gateway's log")
 
 
+class _NoSniff:
+    """Pure ASGI: `X-Content-Type-Options: nosniff` on every admin answer (JSON, errors, pages),
+    so no browser ever reads one as a script or a page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != _NOSNIFF[0]]
+                message = {**message, "headers": [*headers, _NOSNIFF]}
+            await send(message)
+
+        await self.app(scope, receive, send_nosniff)
+
+
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
 def admin_app(
     manager: CircuitBreakerManager,
     *,
@@ -557,6 +593,7 @@ def admin_app(
     app = Starlette(
         routes=api.routes(),
         exception_handlers={HTTPException: _not_found, Exception: _server_error},
+        middleware=[Middleware(_NoSniff)],
     )
     app.state.admin = api
     return app

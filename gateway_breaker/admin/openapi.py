@@ -274,7 +274,7 @@ def _operation(
         responses["400"] = _problem("the path is malformed")
     if body is not None:
         responses["400"] = _problem("the body is missing or not JSON, or the path is malformed")
-        responses["413"] = _problem("the body is larger than 64 KB")
+        responses["413"] = _problem("the body is larger than 64 KB (a policy override: 8 KiB)")
         responses["415"] = _problem("the body is not application/json")
         responses["422"] = _problem("the body is invalid; `errors` names each field")
     if store:

@@ -20,6 +20,8 @@
 -- ARGV[13] service name (service names are validated: no quotes or backslashes)
 -- ARGV[14] announcing instance (an instance ignores its own announcements)
 -- ARGV[15] history stream length
+-- ARGV[16] optional SHA1 of a stored state the caller's codec rejected: that value counts as
+--          absent and is overwritten when the fleet opens (write_state.lua's rule, ARGV[8])
 -- Returns {code, text, fleet run, fleet calls, fleet failures, failing instances}:
 --   1, stored JSON: the fleet opened now (written as write_state.lua writes a transition)
 --   0, current JSON: the stored state is newer or not closed; the counts were not recorded
@@ -36,6 +38,9 @@ if type(got) == 'string' then
   current = got
 end
 local stored = nil
+if current and ARGV[16] and ARGV[16] ~= '' and redis.sha1hex(current) == ARGV[16] then
+  current = nil  -- rejected by the caller's codec
+end
 if current then
   local ok, doc = pcall(cjson.decode, current)
   -- Only a well-formed state counts (as in write_state.lua); anything else is overwritten.
@@ -73,11 +78,16 @@ end
 local fleet_run, fleet_calls, fleet_failures, failing = 0, 0, 0, 0
 local entries = redis.call('HGETALL', KEYS[4])
 for i = 1, #entries, 2 do
+  -- Counts of at most 12 digits (no instance sees a trillion calls in one window), a time of
+  -- 13 digits at most and not from the future: anything else was not written by an instance.
   local r, c, f, ts = string.match(entries[i + 1], '^(%d+),(%d+),(%d+),(%d+)$')
+  if r ~= nil and (#r > 12 or #c > 12 or #f > 12 or #ts > 13) then
+    r = nil
+  end
   if entries[i] == '_v' then
     r = nil  -- the period's version, not a contribution
-  elseif r == nil or now - tonumber(ts) > window then
-    redis.call('HDEL', KEYS[4], entries[i])  -- stale (its instance died) or not ours
+  elseif r == nil or now - tonumber(ts) > window or tonumber(ts) > now + 1000 then
+    redis.call('HDEL', KEYS[4], entries[i])  -- stale (its instance died), future or not ours
   else
     r, c, f = tonumber(r), tonumber(c), tonumber(f)
     fleet_run = fleet_run + r

@@ -36,7 +36,8 @@ except ImportError:  # pragma: no cover - older redis-py
 
 from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url, url_secrets
-from gateway_breaker.errors import ConfigError, StoreError, redact_secrets
+from gateway_breaker.errors import ConfigError, PolicyError, StoreError, redact_secrets
+from gateway_breaker.store import checks
 from gateway_breaker.store.base import Evidence, EvidenceResult, WriteResult
 from gateway_breaker.store.codec import (
     MAX_REASON_CHARS,
@@ -50,8 +51,6 @@ logger = logging.getLogger("gateway_breaker")
 T = TypeVar("T")
 
 HISTORY_MAX_LEN = 1000  # entries kept per service's history stream (approximately)
-MAX_POLICY_BYTES = 8192
-MAX_INSTANCE_BYTES = 1 << 20
 
 
 def _script(name: str) -> str:
@@ -64,6 +63,7 @@ MAX_EVENT_BRACKETS = 64  # objects and arrays in one announcement (a real one ha
 WRITE_STATE_LUA = _script("write_state")
 ACQUIRE_PROBE_LUA = _script("acquire_probe")
 COUNT_EVIDENCE_LUA = _script("count_evidence")
+READ_HISTORY_LUA = _script("read_history")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
 
 
@@ -94,6 +94,8 @@ class RedisStateStore:
         # Services whose absence says nothing (a failover or a restart may have lost them).
         self._unsure: set[str] = set()
         self.dropped_events: dict[str, int] = {}  # announcements dropped, by kind
+        self.rejected = checks.Rejections()  # unusable values of our other keys, by kind
+        self._policies: dict[str, dict[str, object]] = {}  # the last usable override read
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
 
     def describe(self) -> str:
@@ -107,6 +109,7 @@ class RedisStateStore:
                 "write": self._client.register_script(WRITE_STATE_LUA),
                 "probe": self._client.register_script(ACQUIRE_PROBE_LUA),
                 "evidence": self._client.register_script(COUNT_EVIDENCE_LUA),
+                "history": self._client.register_script(READ_HISTORY_LUA),
             }
         return self._client
 
@@ -273,6 +276,7 @@ class RedisStateStore:
             service,
             self.instance,
             HISTORY_MAX_LEN,
+            "",  # the SHA1 of a stored state our codec rejects, once one is seen (below)
         ]
         keys = [
             self.key(service),
@@ -280,13 +284,19 @@ class RedisStateStore:
             self.key(service, "history"),
             self.key(service, "evidence"),
         ]
-        call = self._scripts["evidence"](keys=keys, args=args)
-        reply = await self._run("EVALSHA", call, operation="evidence")
-        code, text = int(reply[0]), reply[1]
+        for _ in range(3):
+            call = self._scripts["evidence"](keys=keys, args=args)
+            reply = await self._run("EVALSHA", call, operation="evidence")
+            code, text = int(reply[0]), reply[1]
+            stored = self._decode(service, text) if code in (0, 1) else None
+            if code != 0 or stored is not None:
+                break
+            # As in write(): a value our codec rejects must not silence the fleet's counting.
+            raw = text if isinstance(text, bytes) else str(text).encode()
+            args[-1] = hashlib.sha1(raw, usedforsecurity=False).hexdigest()
         outcome = _EVIDENCE_OUTCOMES.get(code)
         if outcome is None:
             raise StoreError(f"evidence: unexpected reply code {code}", "evidence")
-        stored = self._decode(service, text) if code in (0, 1) else None
         cause = (text.decode() if isinstance(text, bytes) else str(text)) if code == 2 else None
         return EvidenceResult(
             outcome=outcome,
@@ -301,21 +311,30 @@ class RedisStateStore:
     async def live_instances(self, ttl: float) -> int:
         index = f"{self.settings.key_prefix}:instances"
         since = round((self._clock() + self.offset - ttl) * 1000)
-        count: Any = await self._run(
-            "ZCOUNT", self._redis().zcount(index, since, "+inf"), operation="fleet"
-        )
+        try:
+            count: Any = await self._run(
+                "ZCOUNT", self._redis().zcount(index, since, "+inf"), operation="fleet"
+            )
+        except StoreError as exc:
+            if not _wrong_type(exc):
+                raise
+            self.rejected("registry", "the instance index is not a sorted set")
+            return 0  # unknown: the quorum stays the policy's; the next heartbeat repairs it
         return int(count)
 
     async def history(self, service: str, limit: int) -> list[TransitionEvent]:
+        self._redis()
         key = self.key(service, "history")
-        entries: Any = await self._run(
-            "XREVRANGE", self._redis().xrevrange(key, count=limit), operation="history"
-        )
+        call = self._scripts["history"](keys=[key], args=[limit, checks.MAX_FIELD_BYTES])
+        entries: Any = await self._run("EVALSHA", call, operation="history")
         events = []
-        for _, fields in entries or []:
-            event = _history_event(service, fields or {}, -self.offset)
-            if event is not None:
-                events.append(event)
+        for entry in entries or []:
+            try:
+                flat = entry[1]
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                events.append(checks.history_event(service, fields, -self.offset))
+            except (ValueError, TypeError, IndexError, UnicodeDecodeError) as exc:
+                self.rejected("history", f"service={service}: {exc}")
         return events
 
     async def load_policies(self, services: Sequence[str]) -> dict[str, dict[str, object]]:
@@ -332,17 +351,14 @@ class RedisStateStore:
             if raw is None:
                 continue
             try:
-                if len(raw) > MAX_POLICY_BYTES:
-                    raise ValueError(f"{len(raw)} bytes, more than {MAX_POLICY_BYTES}")
-                doc = json.loads(raw)
-                if not isinstance(doc, dict):
-                    raise ValueError("not a JSON object")
-            except (ValueError, RecursionError) as exc:
-                logger.warning(
-                    "Ignoring unusable policy override (service=%s, error=%s)", service, exc
-                )
+                doc = checks.decode_policy(raw)
+            except ValueError as exc:
+                self.rejected("policy", f"service={service}: {exc}")
+                # Not a deletion: the last usable override stays in force.
+                if service in self._policies:
+                    found[service] = self._policies[service]
                 continue
-            found[service] = doc
+            found[service] = self._policies[service] = doc
         return found
 
     async def write_policy(
@@ -353,8 +369,14 @@ class RedisStateStore:
         notice = json.dumps({"origin": instance, "kind": "policy", "service": service})
         if fields is None:
             await self._run("DEL", client.delete(key), operation="policy")
+            self._policies.pop(service, None)
         else:
-            await self._run("SET", client.set(key, json.dumps(fields)), operation="policy")
+            try:
+                text = checks.encode_policy(fields)
+            except ValueError as exc:
+                raise PolicyError(str(exc), [{"field": "body", "message": str(exc)}]) from None
+            await self._run("SET", client.set(key, text), operation="policy")
+            self._policies[service] = fields
         await self._run("PUBLISH", client.publish(self.channel, notice), operation="policy")
 
     async def register(self, instance: InstanceView, ttl: float) -> None:
@@ -365,16 +387,32 @@ class RedisStateStore:
         key = f"{self.settings.key_prefix}:instance:{instance.id}"
         index = f"{self.settings.key_prefix}:instances"
         now_ms = round(doc["last_seen"] * 1000)
-        pipe = client.pipeline(transaction=False)
-        pipe.set(key, json.dumps(doc, separators=(",", ":")), px=max(1, round(ttl * 1000)))
-        pipe.zadd(index, {instance.id: now_ms})
-        pipe.zremrangebyscore(index, "-inf", now_ms - round(ttl * 1000) * 10)
-        await self._run("SET/ZADD", pipe.execute(), operation="register")
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            pipe.set(key, json.dumps(doc, separators=(",", ":")), px=max(1, round(ttl * 1000)))
+            pipe.zadd(index, {instance.id: now_ms})
+            pipe.zremrangebyscore(index, "-inf", now_ms - round(ttl * 1000) * 10)
+            try:
+                await self._run("SET/ZADD", pipe.execute(), operation="register")
+                return
+            except StoreError as exc:
+                if attempt or not _wrong_type(exc):
+                    raise
+            # Not an index of ours: one key of one feature, replaced, never an outage.
+            self.rejected("registry", "the instance index is not a sorted set: replaced")
+            await self._run("DEL", client.delete(index), operation="register")
 
     async def instances(self) -> list[InstanceView]:
         client = self._redis()
         index = f"{self.settings.key_prefix}:instances"
-        ids: Any = await self._run("ZRANGE", client.zrange(index, 0, 999), operation="fleet")
+        try:
+            ids: Any = await self._run("ZRANGE", client.zrange(index, 0, 999), operation="fleet")
+        except StoreError as exc:
+            if not _wrong_type(exc):
+                raise
+            self.rejected("registry", "the instance index is not a sorted set")
+            return []
+        ids = [i for i in ids or [] if len(i) <= 64]
         if not ids:
             return []
         keys = [f"{self.settings.key_prefix}:instance:{bytes(i).decode()}" for i in ids]
@@ -384,9 +422,12 @@ class RedisStateStore:
             values = await self._run("MGET", client.mget(keys), operation="fleet")
         found = []
         for raw in values:
-            view = None if raw is None else _instance_view(raw, -self.offset)
-            if view is not None:
-                found.append(view)
+            if raw is None:
+                continue
+            try:
+                found.append(checks.instance_view(raw, -self.offset))
+            except ValueError as exc:
+                self.rejected("instance", str(exc))
         return sorted(found, key=lambda v: v.started_at)
 
     async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | None]:
@@ -567,8 +608,26 @@ class RedisStateStore:
                     service,
                     exc,
                 )
+            if snapshot is not None:
+                snapshot = self._clamp(service, snapshot)
             self._decoded[service] = (raw, snapshot)
         return None if snapshot is None else _shift(snapshot, -self.offset)
+
+    def _clamp(self, service: str, snapshot: BreakerSnapshot) -> BreakerSnapshot:
+        """A period that starts in the future would never end: it starts now (counted). Once
+        per stored value (cached with it), so that the period does not start again on every
+        re-read. Redis's clock."""
+        now = self._clock() + self.offset
+        late = [
+            name
+            for name, at in (("opened_at", snapshot.opened_at), ("closed_at", snapshot.closed_at))
+            if at is not None and at > now + 1
+        ]
+        if not late:
+            return snapshot
+        self.rejected("future_time", f"service={service}: {', '.join(late)} in the future")
+        times = dict.fromkeys(late, now)
+        return replace(snapshot, **times)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -589,6 +648,14 @@ class RedisTopology:
     db: int = 0
     username: str | None = None
     password: str | None = None
+
+    def __repr__(self) -> str:
+        # The URL and the password are secrets: never in a repr (a log line, a traceback).
+        return (
+            f"RedisTopology(kind={self.kind!r}, url={redact_url(self.url)!r},"
+            f" hosts={self.hosts!r}, service_name={self.service_name!r}, db={self.db!r},"
+            f" username={self.username!r}, password={None if self.password is None else '***'!r})"
+        )
 
     @classmethod
     def parse(cls, url: str) -> RedisTopology:
@@ -689,50 +756,6 @@ def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
         manual=manual,
         closed_at=moved(snapshot.closed_at),
     )
-
-
-def _history_event(service: str, fields: Any, shift: float) -> TransitionEvent | None:
-    """One history stream entry; None when it is not one the package wrote."""
-    try:
-        get = {k.decode(): v.decode() for k, v in fields.items()}
-        rate = get.get("failure_rate") or ""
-        return TransitionEvent(
-            service=service,
-            at=int(get["at"]) / 1000 + shift,
-            from_state=get["from"][:20],
-            to_state=get["to"][:20],
-            cause=get["cause"][:40],
-            origin=get["origin"][:20],
-            instance=get["instance"][:64],
-            version=int(get["version"]),
-            failure_count=int(get["failure_count"]),
-            failure_rate=float(rate) if rate else None,
-            reason=get.get("reason") or None,
-        )
-    except (KeyError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def _instance_view(raw: bytes, shift: float) -> InstanceView | None:
-    try:
-        if len(raw) > MAX_INSTANCE_BYTES:
-            return None
-        doc = json.loads(raw)
-        breakers = {
-            str(name): (str(entry["state"]), int(entry["version"]))
-            for name, entry in doc.get("breakers", {}).items()
-        }
-        return InstanceView(
-            id=str(doc["id"]),
-            host=str(doc["host"]),
-            pid=int(doc["pid"]),
-            started_at=float(doc["started_at"]) + shift,
-            last_seen=float(doc["last_seen"]) + shift,
-            version=str(doc["version"]),
-            breakers=breakers,
-        )
-    except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
-        return None
 
 
 def _wrong_type(exc: StoreError) -> bool:

@@ -39,6 +39,7 @@ GATEWAY_ENV = {
     "CIRCUIT_BREAKER_ENABLED": "true",
     "GATEWAY_BREAKER_CONFIG": "/config/fleet.yaml",
     "LOG_LEVEL": "debug",
+    "GATEWAY_BREAKER_ADMIN_TOKEN": "${GATEWAY_BREAKER_ADMIN_TOKEN:-}",
 }
 GATEWAY_SETTINGS = ("REDIS_URL", "GATEWAY_BREAKER_CONFIG", "CIRCUIT_BREAKER_ENABLED", "LOG_LEVEL")
 
@@ -273,11 +274,19 @@ def test_dockerfile_healthcheck_without_curl(stage: str, url: str) -> None:
     compile(argv[2], "<healthcheck>", "exec")
 
 
-@pytest.mark.parametrize(("stage", "port"), [("gateway", "8000"), ("upstream", "9001")])
-def test_each_image_exposes_the_port_it_listens_on(stage: str, port: str) -> None:
-    assert stage_args(stage, "EXPOSE") == [port]
+@pytest.mark.parametrize(
+    ("stage", "ports"), [("gateway", ["8000", "9180"]), ("upstream", ["9001"])]
+)
+def test_each_image_exposes_the_ports_it_listens_on(stage: str, ports: list[str]) -> None:
+    assert stage_args(stage, "EXPOSE") == ports
     argv = json.loads(stage_args(stage, "CMD")[-1])
-    assert argv[argv.index("--port") + 1] == port
+    assert argv[argv.index("--port") + 1] == ports[0]
+
+
+def test_the_gateway_image_serves_the_admin_surface_on_its_own_port() -> None:
+    env = " ".join(stage_args("gateway", "ENV")).split()
+    assert "GATEWAY_BREAKER_ADMIN_PORT=9180" in env
+    assert "GATEWAY_BREAKER_ADMIN_HOST=0.0.0.0" in env
 
 
 def test_the_default_target_is_the_gateway() -> None:
@@ -324,6 +333,9 @@ def test_gateway_service(name: str, host_port: int) -> None:
     assert environment(gateway) == GATEWAY_ENV
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
     assert f"{host_port}:8000" in [str(port) for port in gateway["ports"]]
+    # The admin listener is published on the host's loopback only.
+    (admin,) = [str(p) for p in gateway["ports"] if str(p).endswith(":9180")]
+    assert admin.startswith("127.0.0.1:")
     # No command of its own: the image's CMD (the gateway) and HEALTHCHECK (/healthz) apply.
     assert "command" not in gateway
     assert not (gateway.get("healthcheck") or {}).get("disable")
@@ -371,7 +383,7 @@ def test_compose_references_resolve() -> None:
         for mount in spec.get("volumes") or []:
             if isinstance(mount, dict) and mount.get("type") == "bind":
                 assert (REPO_ROOT / mount["source"]).exists(), mount
-    published = [str(p).split(":")[0] for spec in services.values() for p in spec.get("ports", [])]
+    published = [str(p).split(":")[-2] for spec in services.values() for p in spec.get("ports", [])]
     assert len(published) == len(set(published)), published
 
 
@@ -408,7 +420,10 @@ def test_process_fleet_runs_what_compose_runs(fleet: ModuleType) -> None:
     """deploy/fleet.py starts the same commands with the same environment as compose.yaml."""
     env = fleet.gateway_env("redis://redis:6379/0", "/config/fleet.yaml")
     for name in GATEWAYS:
-        assert env == environment(service(name))
+        # Not the admin token compose passes through: processes on one host have one admin port.
+        compose_env = environment(service(name))
+        assert compose_env.pop("GATEWAY_BREAKER_ADMIN_TOKEN") == "${GATEWAY_BREAKER_ADMIN_TOKEN:-}"
+        assert env == compose_env
     assert fleet.uvicorn_command(fleet.GATEWAY_APP, "0.0.0.0", 8000)[2:] == GATEWAY_CMD
     assert fleet.uvicorn_command(fleet.UPSTREAM_APP, "0.0.0.0", 9001)[2:] == UPSTREAM_CMD
     defaults = fleet.parse_args([])

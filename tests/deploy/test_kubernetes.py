@@ -85,8 +85,14 @@ def test_the_gateway_runs_three_replicas_of_the_image_on_its_port() -> None:
     assert deployment["spec"]["replicas"] == 3
     gateway = container(deployment)
     assert gateway["image"] == "gateway-breaker:local"
-    (port,) = gateway["ports"]
-    assert [str(port["containerPort"])] == stage_args("gateway", "EXPOSE")
+    ports = [str(port["containerPort"]) for port in gateway["ports"]]
+    assert ports == stage_args("gateway", "EXPOSE")
+    env = {item["name"]: item.get("value") for item in gateway["env"]}
+    # The admin surface on its own port, on the pod's loopback (kubectl port-forward reaches it).
+    assert env["GATEWAY_BREAKER_ADMIN_PORT"] == "9180"
+    assert env["GATEWAY_BREAKER_ADMIN_HOST"] == "127.0.0.1"
+    services = [m for m in manifests() if m["kind"] == "Service"]
+    assert all(p.get("targetPort") != "admin" for s in services for p in s["spec"]["ports"])
     # The image's CMD: no command or args of its own.
     assert "command" not in gateway
     assert "args" not in gateway

@@ -219,6 +219,12 @@ TRICK_PATHS = [
     "/discovery/a\\b",
     "/sona/..",
     "/discovery/%00x",
+    # Path parameters: Tomcat-style upstreams read `..;` as `..`.
+    "/discovery/..;/sona/x",
+    "/discovery/..;jsessionid=1/sona/x",
+    "/discovery/.;x=1/x",
+    "/discovery/%2e%2e;/sona/x",
+    "/discovery/..%3b/sona/x",
 ]
 
 

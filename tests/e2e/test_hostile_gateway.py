@@ -92,3 +92,26 @@ def test_an_alias_bomb_config_is_refused_fast(start_gateway: StartGateway, tmp_p
     assert "Application startup complete" not in output
     assert "alias" in output.lower()
     assert "Traceback" not in output
+
+
+def test_a_yaml_error_on_the_token_line_never_prints_the_token(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    token = "Tk-e2e-0123456789-secret"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f'admin:\n  token: "{token}" oops\n')
+    gateway = start_gateway(broken, ready=False)
+    assert gateway.wait_exit(timeout=20) != 0
+    output = gateway.output()
+    assert "line 2" in output
+    assert token[:10] not in output
+    assert "Traceback" not in output
+
+
+def test_a_bad_redis_url_env_var_is_blamed_on_the_env_var(start_gateway: StartGateway) -> None:
+    gateway = start_gateway(example_config=True, redis_url=f"ftp://:{SECRET}@h", ready=False)
+    assert gateway.wait_exit(timeout=20) != 0
+    output = gateway.output()
+    assert "REDIS_URL" in output
+    assert "config.yaml" not in output
+    assert SECRET not in output

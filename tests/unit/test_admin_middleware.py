@@ -74,12 +74,14 @@ async def test_not_served_without_a_token(inner: Inner) -> None:
     assert response.json() == {"inner": "/_breakers/breakers"}
 
 
-async def test_not_served_when_breakers_are_off(inner: Inner) -> None:
+async def test_not_served_nor_passed_on_when_breakers_are_off(inner: Inner) -> None:
     off = Config(circuit_breaker={"enabled": False}, admin={"token": TOKEN})
     app = CircuitBreakerMiddleware(inner.app, config=off)
     async with await client_for(app) as client:
         response = await client.get("/_breakers/breakers", headers=AUTH)
-    assert response.json() == {"inner": "/_breakers/breakers"}
+        assert response.status_code == 404  # the token never reaches the app behind
+        assert (await client.get("/sona/a")).json() == {"inner": "/sona/a"}
+    assert inner.calls == {"/sona/a": 1}
 
 
 async def test_another_path(inner: Inner) -> None:

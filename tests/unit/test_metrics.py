@@ -63,6 +63,7 @@ METRIC_NAMES = {
     "gateway_breaker_policy_overridden",
     "gateway_breaker_store_up",
     "gateway_breaker_store_errors_total",
+    "gateway_breaker_store_rejected_values_total",
     "gateway_breaker_instance_info",
     "gateway_breaker_propagation_delay_seconds_bucket",
 }

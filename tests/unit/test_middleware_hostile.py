@@ -95,6 +95,28 @@ async def test_a_file_sent_with_pathsend_is_recorded(
     assert manager.get("sona").state is state
 
 
+@pytest.mark.parametrize(
+    ("status", "state"), [(500, CircuitState.OPEN), (200, CircuitState.CLOSED)]
+)
+async def test_a_file_sent_with_zerocopysend_is_recorded(
+    clock: FakeClock, status: int, state: CircuitState
+) -> None:
+    manager = half_open_manager(clock)
+
+    async def sends_a_file(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        # The ASGI zero-copy send extension: the last message has no more_body.
+        await send({"type": "http.response.zerocopysend", "file": 3, "count": 5, "more_body": True})
+        assert manager.get("sona").state is CircuitState.HALF_OPEN  # not the end yet
+        await send({"type": "http.response.zerocopysend", "file": 3, "offset": 5})
+
+    middleware = CircuitBreakerMiddleware(sends_a_file, manager=manager)
+    sink = Sink()
+    await middleware(http_scope("/sona/file.bin"), disconnect_never(), sink)
+    assert [m["type"] for m in sink.messages][-1] == "http.response.zerocopysend"
+    assert manager.get("sona").state is state
+
+
 async def answers_499_to_a_client_that_left(scope: Scope, receive: Receive, send: Send) -> None:
     """What a proxy does when its client leaves mid-upload: it answers for the record."""
     message = await receive()

@@ -1,12 +1,12 @@
 // The live dashboard of gateway-breaker: one script, no dependencies, no build step.
 //
 // It speaks the admin API next to the page ({admin.path}/breakers, /fleet, /events, ...) with the
-// bearer token the person typed in. The token lives in memory and, when asked, in this tab's
-// sessionStorage; never in a URL, a cookie or a log line. Live updates come from the event
+// bearer token the person typed in. The token lives in this page's memory only: never in
+// storage (a page of an upstream served on the same origin could read it), a URL, a cookie or
+// a log line; a reload asks for it again. Live updates come from the event
 // stream read with fetch (EventSource cannot send an Authorization header), and a periodic
 // refresh of the breakers and the fleet catches whatever the stream missed.
 
-const TOKEN_KEY = "gateway-breaker.admin-token";
 const REFRESH_MS = 3000;
 const SPARK_SAMPLES = 20; // bars in a sparkline: one per refresh, a minute at 3 s
 const HISTORY_SHOWN = 10;
@@ -1149,14 +1149,6 @@ function handleBackgroundError(error) {
 
 let ticker = null;
 
-function storedToken() {
-  try {
-    return sessionStorage.getItem(TOKEN_KEY);
-  } catch {
-    return null; // storage disabled: the token lives in memory only
-  }
-}
-
 function showDashboard() {
   $("login").hidden = true;
   $("dashboard").hidden = false;
@@ -1172,11 +1164,6 @@ function showDashboard() {
 function signOut(message = "") {
   session += 1;
   token = null;
-  try {
-    sessionStorage.removeItem(TOKEN_KEY);
-  } catch {
-    // nothing stored
-  }
   stream.stop();
   historyLoader.clear();
   clearTimeout(refreshTimer);
@@ -1228,18 +1215,9 @@ $("login-form").addEventListener("submit", async (event) => {
   }
   submit.disabled = false;
   field.value = "";
-  if ($("remember").checked) {
-    try {
-      sessionStorage.setItem(TOKEN_KEY, token);
-    } catch {
-      // storage disabled: keep it in memory for this page only
-    }
-  }
   showDashboard();
 });
 
 $("sign-out").addEventListener("click", () => signOut());
 
-token = storedToken();
-if (token) showDashboard();
-else $("token").focus();
+$("token").focus();
