@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - older redis-py
 from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url, url_secrets
 from gateway_breaker.errors import ConfigError, StoreError, redact_secrets
-from gateway_breaker.store.base import Evidence, EvidenceResult, WriteResult
+from gateway_breaker.store.base import Evidence, EvidenceResult, Invalidated, WriteResult
 from gateway_breaker.store.codec import (
     MAX_REASON_CHARS,
     MAX_STATE_BYTES,
@@ -65,6 +65,8 @@ WRITE_STATE_LUA = _script("write_state")
 ACQUIRE_PROBE_LUA = _script("acquire_probe")
 COUNT_EVIDENCE_LUA = _script("count_evidence")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
+# Where Redis sends the keys a tracking connection redirects its invalidations for.
+INVALIDATE_CHANNEL = "__redis__:invalidate"
 
 
 class RedisStateStore:
@@ -95,6 +97,23 @@ class RedisStateStore:
         self._unsure: set[str] = set()
         self.dropped_events: dict[str, int] = {}  # announcements dropped, by kind
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
+        # Server-assisted client-side caching: the one connection that reads state and policy
+        # keys, tracked by Redis, which sends their invalidations to the subscriber connection.
+        self._tracked: Redis | None = None
+        self._tracking_broken = False  # either connection was re-made: Redis forgot it
+        self.tracking_refused = False  # CLIENT TRACKING not allowed here: re-reads only
+        self._pushed: list[Invalidated] = []  # RESP3 invalidation pushes not yet yielded
+
+    @property
+    def tracking(self) -> bool:
+        """Whether Redis reports changes of the keys this instance read (in every case but a
+        Cluster or a Redis that refuses CLIENT TRACKING, while subscribed)."""
+        return self._tracked is not None
+
+    @property
+    def per_key_reads(self) -> bool:
+        """Whether reading k keys costs k commands (a Cluster: each service has its own slot)."""
+        return self.topology.kind == "cluster"
 
     def describe(self) -> str:
         return redact_url(self.settings.url or "")
@@ -159,6 +178,10 @@ class RedisStateStore:
             # Keys spread over slots: the client splits the MGET by node.
             now = await self._run("TIME", client.time(target_nodes=RedisCluster.DEFAULT_NODE))
             values = await self._run("MGET", client.mget_nonatomic(keys)) if keys else []
+        elif (tracked := self._tracked) is not None:
+            # Read on the tracked connection: Redis then reports these keys' next change.
+            now = await self._run("TIME", tracked.time(), operation="load")
+            values = await self._run("MGET", tracked.mget(keys), operation="load") if keys else []
         else:
             pipe = client.pipeline(transaction=False)
             pipe.time()
@@ -326,7 +349,8 @@ class RedisStateStore:
         if isinstance(client, RedisCluster):
             values = await self._run("MGET", client.mget_nonatomic(keys), operation="policy")
         else:
-            values = await self._run("MGET", client.mget(keys), operation="policy")
+            reader = self._tracked or client
+            values = await self._run("MGET", reader.mget(keys), operation="policy")
         found: dict[str, dict[str, object]] = {}
         for service, raw in zip(services, values, strict=True):
             if raw is None:
@@ -371,13 +395,28 @@ class RedisStateStore:
         pipe.zremrangebyscore(index, "-inf", now_ms - round(ttl * 1000) * 10)
         await self._run("SET/ZADD", pipe.execute(), operation="register")
 
+    async def heartbeat(self, instance: str, ttl: float) -> bool:
+        """Keep a registered instance live: two commands, whatever its number of breakers.
+        False: its record is gone (expired, or a new master lacks it): register it again."""
+        client = self._redis()
+        last_seen = self._clock() + self.offset
+        pipe = client.pipeline(transaction=False)
+        pipe.zadd(f"{self.settings.key_prefix}:instances", {instance: round(last_seen * 1000)})
+        pipe.pexpire(f"{self.settings.key_prefix}:instance:{instance}", max(1, round(ttl * 1000)))
+        replies = await self._run("ZADD/PEXPIRE", pipe.execute(), operation="register")
+        return bool(replies[1])
+
     async def instances(self) -> list[InstanceView]:
         client = self._redis()
         index = f"{self.settings.key_prefix}:instances"
-        ids: Any = await self._run("ZRANGE", client.zrange(index, 0, 999), operation="fleet")
+        ids: Any = await self._run(
+            "ZRANGE", client.zrange(index, 0, 999, withscores=True), operation="fleet"
+        )
         if not ids:
             return []
-        keys = [f"{self.settings.key_prefix}:instance:{bytes(i).decode()}" for i in ids]
+        keys = [f"{self.settings.key_prefix}:instance:{bytes(i).decode()}" for i, _ in ids]
+        # The record is written when the view changes; the heartbeat moves only the score.
+        seen = {bytes(i).decode(): float(score) / 1000 - self.offset for i, score in ids}
         if isinstance(client, RedisCluster):
             values = await self._run("MGET", client.mget_nonatomic(keys), operation="fleet")
         else:
@@ -386,34 +425,51 @@ class RedisStateStore:
         for raw in values:
             view = None if raw is None else _instance_view(raw, -self.offset)
             if view is not None:
-                found.append(view)
+                found.append(replace(view, last_seen=max(view.last_seen, seen.get(view.id, 0.0))))
         return sorted(found, key=lambda v: v.started_at)
 
-    async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | None]:
+    async def events(
+        self,
+    ) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | Invalidated | None]:
         """Stored states as instances write them; None once subscribed. Raises StoreError
         when cut off: pub/sub drops what is published meanwhile, so re-read after that."""
         pubsub = self._redis().pubsub()
         try:
-            await self._run("SUBSCRIBE", pubsub.subscribe(self.channel))
+            await self._run("SUBSCRIBE", self._subscribe(pubsub))
             yield None
             while True:
                 if self._master_moved:
                     # Announcements now go through the new master: subscribe there, re-read.
                     self._master_moved = False
                     raise StoreError("pub/sub: the Redis master changed")
+                if self._tracking_broken:
+                    # A connection was re-made: Redis tracks nothing for us any more.
+                    raise StoreError("client tracking: a connection was re-made")
                 try:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=self._listen_timeout
                     )
+                except ResponseError as exc:
+                    if self._tracked is None or self.tracking_refused:
+                        raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
+                    # Most likely an ACL without the invalidation channel: subscribe again
+                    # without tracking.
+                    self._refuse_tracking(exc)
+                    raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
                 except (RedisError, OSError) as exc:
                     # Redis may have restarted empty: a value missing now is no deletion.
                     self._unsure = set(self._services)
                     raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
+                while self._pushed:
+                    yield self._pushed.pop(0)
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     # redis-py's read can swallow a cancellation: honour it here.
                     raise asyncio.CancelledError
                 if message is None or message.get("type") != "message":
+                    continue
+                if _text(message.get("channel")) == INVALIDATE_CHANNEL:
+                    yield self._invalidated(message["data"])
                     continue
                 event = self._decode_event(message["data"])
                 announced = None if event is None else event[1]
@@ -426,8 +482,83 @@ class RedisStateStore:
                 else:
                     await asyncio.sleep(0)  # a flood of junk must not starve the requests
         finally:
+            tracked, self._tracked = self._tracked, None
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await pubsub.aclose()
+            if tracked is not None:
+                with contextlib.suppress(RedisError, OSError, RuntimeError):
+                    await tracked.aclose()
+
+    async def _subscribe(self, pubsub: Any) -> None:
+        """Subscribe to the announcements and, where Redis allows it, to the invalidations of
+        the keys read on a tracked connection redirected to this one (Redis 6.2+, RESP2)."""
+        self._tracking_broken = False
+        client = self._redis()
+        if not isinstance(client, Redis) or self.tracking_refused:
+            await pubsub.subscribe(self.channel)
+            return
+        await pubsub.connect()
+        connection = pubsub.connection
+        await connection.send_command("CLIENT", "ID")
+        subscriber_id = await connection.read_response()
+        tracked = client.client()
+        try:
+            if isinstance(subscriber_id, ResponseError):
+                raise subscriber_id
+            await tracked.initialize()
+            await tracked.execute_command("CLIENT", "TRACKING", "on", "REDIRECT", subscriber_id)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            # An ACL without client|id or client|tracking, a server older than 6.2: re-reads.
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await tracked.aclose()
+            self._refuse_tracking(exc)
+            await pubsub.subscribe(self.channel)
+            return
+        # RESP2: invalidations arrive as messages on the channel; RESP3: as pushes.
+        self._pushed.clear()
+        connection._parser.set_invalidation_push_handler(self._invalidation_pushed)
+        await pubsub.subscribe(self.channel, INVALIDATE_CHANNEL)
+        connection.register_connect_callback(self._connection_remade)
+        if tracked.connection is not None:
+            tracked.connection.register_connect_callback(self._connection_remade)  # type: ignore[no-untyped-call]
+        self._tracked = tracked
+
+    def _refuse_tracking(self, exc: BaseException) -> None:
+        self.tracking_refused = True
+        logger.warning(
+            "Redis refused client tracking; changes made past the gateways are found by the"
+            " slow re-read only (error=%s)",
+            _safe(exc, self.settings.url, self.settings.sentinel_password),
+        )
+
+    async def _invalidation_pushed(self, response: Any) -> None:
+        data = response[1] if isinstance(response, list) and len(response) > 1 else None
+        self._pushed.append(self._invalidated(data))
+
+    async def _connection_remade(self, connection: Any) -> None:
+        # redis-py re-made a tracked or subscriber connection in place: tracking is lost.
+        self._tracking_broken = True
+
+    def _invalidated(self, data: Any) -> Invalidated:
+        """Which of our services' state or policy keys Redis says changed (None: all)."""
+        if data is None:
+            return Invalidated(everything=True)
+        states, policies = [], []
+        prefix = f"{self.settings.key_prefix}:"
+        for item in data if isinstance(data, list) else [data]:
+            key = _text(item)
+            if key is None or not key.startswith(prefix):
+                continue
+            service, _, kind = key[len(prefix) :].rpartition(":")
+            if service.startswith("{") and service.endswith("}"):
+                service = service[1:-1]
+            if service not in self._services:
+                continue
+            if kind == "state":
+                states.append(service)
+            elif kind == "policy":
+                policies.append(service)
+        return Invalidated(states=tuple(states), policies=tuple(policies))
 
     @property
     def _listen_timeout(self) -> float:
@@ -466,6 +597,10 @@ class RedisStateStore:
         self._master = address
 
     async def aclose(self) -> None:
+        tracked, self._tracked = self._tracked, None
+        if tracked is not None:
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await tracked.aclose()
         client, self._client = self._client, None
         if isinstance(client, RedisCluster):
             with contextlib.suppress(RedisError, OSError):
@@ -524,7 +659,7 @@ class RedisStateStore:
         known = cached[1].version if cached is not None and cached[1] is not None else -1
         if 0 <= known - announced.version <= 2**52:
             return None  # nothing new (the sync ignores older versions anyway)
-        raw = await self._run("GET", self._redis().get(self.key(service)))
+        raw = await self._run("GET", (self._tracked or self._redis()).get(self.key(service)))
         stored = None if raw is None else self._decode(service, raw)
         # Both on our clock with the same offset (a re-read may have moved it meanwhile).
         announced = _shift(announced, -self.offset)
@@ -733,6 +868,12 @@ def _instance_view(raw: bytes, shift: float) -> InstanceView | None:
         )
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
         return None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
 
 
 def _wrong_type(exc: StoreError) -> bool:

@@ -30,6 +30,13 @@ COMMAND_TIMEOUT_SECONDS = 2.0
 PENDING_HISTORY = 50
 # While another instance holds the probe slots, ask again after at most this long.
 PROBE_RECHECK_SECONDS = 0.25
+# Services re-read each `sync_interval_seconds` by the slow round-robin safety net: with
+# client tracking (a full sweep of 10,000 services every 100 s), without it (every 10 s: the
+# bound for a value written past the gateways), and on a Cluster, where each key costs a
+# command (tracking is per node there; re-reads stay under the command budget).
+SWEEP_TRACKED = 100
+SWEEP_UNTRACKED = 1000
+SWEEP_PER_KEY = 2
 
 
 class SyncBase:
@@ -75,7 +82,11 @@ class SyncBase:
         self._sent: dict[str, tuple[int, int, int, int]] = {}  # with the breaker's generation
         self._urgent = False
         self._urgent_next = 0.0
-        self._resubscribed = False  # the next re-read follows a lost subscription
+        # The view of the breakers in this instance's registered record (None: not written).
+        self._registered: dict[str, tuple[str, int]] | None = None
+        self._resubscribed = False
+        self._sweep_names: list[str] | None = None  # this lap of the round-robin re-read
+        self._sweep_at = 0  # the next re-read follows a lost subscription
 
     async def _sleep(self, seconds: float) -> None:
         try:

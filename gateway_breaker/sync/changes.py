@@ -1,4 +1,12 @@
-"""Changes: other instances' transitions and policies reach this instance."""
+"""Changes: other instances' transitions and policies, and values written past them, reach
+this instance.
+
+Three paths (docs/scale.md weighs them): announcements on pub/sub for every write made through
+the package (O(N) messages a transition, milliseconds); invalidations Redis pushes for the keys
+this instance read (client tracking: a `redis-cli SET`, DEL or expiry, O(1) a changed key); a
+slow round-robin re-read of a fixed number of services a round as the last net (O(1) commands a
+second, a full sweep every S / that number seconds). At rest: no command per service.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,13 @@ from collections.abc import Iterable
 
 from gateway_breaker.breaker import BreakerSnapshot, CircuitState
 from gateway_breaker.errors import StoreError
+from gateway_breaker.store.base import Invalidated
 from gateway_breaker.sync.base import (
     FIRST_LOAD_TIMEOUT_SECONDS,
     MAX_BACKOFF_SECONDS,
+    SWEEP_PER_KEY,
+    SWEEP_TRACKED,
+    SWEEP_UNTRACKED,
     logger,
 )
 from gateway_breaker.sync.writes import Writes, _knows_more, _newer
@@ -71,6 +83,8 @@ class Changes(Writes):
                         self._to_load.update(self._manager.breakers())
                         self._policies_to_load.update(self._manager.breakers())
                         self._wake.set()
+                    elif isinstance(event, Invalidated):
+                        self._invalidated(event)
                     elif event[1] is None:
                         if self._manager.find(event[0]) is not None:
                             self._policies_to_load.add(event[0])  # a live policy change
@@ -84,6 +98,37 @@ class Changes(Writes):
                 logger.exception("Circuit breaker event listener failed; restarting it")
             await self._sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _invalidated(self, event: Invalidated) -> None:
+        """Redis reports keys we read changed (written past the announcements, deleted,
+        expired): read just those again, which tracks them again."""
+        breakers = self._manager.breakers()
+        if event.everything:
+            self._to_load.update(breakers)
+            self._policies_to_load.update(breakers)
+        else:
+            self._to_load.update(s for s in event.states if s in breakers)
+            self._policies_to_load.update(s for s in event.policies if s in breakers)
+        self._wake.set()
+
+    def _sweep(self) -> list[str]:
+        """The next few services of the slow round-robin re-read, the last safety net: a fixed
+        number a round, whatever S, so a full sweep takes S / that many rounds."""
+        if self.store.per_key_reads:
+            count = SWEEP_PER_KEY
+        elif self.store.tracking:
+            count = SWEEP_TRACKED
+        else:
+            count = SWEEP_UNTRACKED
+        names = sorted(self._manager.breakers()) if self._sweep_names is None else self._sweep_names
+        if self._sweep_at >= len(names):
+            # A new lap: services added since the last one join it.
+            names = self._sweep_names = sorted(self._manager.breakers())
+            self._sweep_at = 0
+        self._sweep_names = names
+        batch = names[self._sweep_at : self._sweep_at + count]
+        self._sweep_at += count
+        return batch
 
     def _apply(self, service: str, snapshot: BreakerSnapshot) -> None:
         breaker = self._manager.find(service)

@@ -126,8 +126,9 @@ class StateSync(FleetEvidence, Leases):
                     next_sync = time.monotonic() + self._interval
                     for breaker in self._manager.breakers().values():
                         breaker.expire_manual()  # a timed mode ends even with no traffic
-                    await self._reconcile(list(self._manager.breakers()))
-                    await self._load_policies(list(self._manager.breakers()))
+                    batch = self._sweep()
+                    await self._reconcile(batch)
+                    await self._load_policies(batch)
                     if self._register:
                         await self._register_instance()
             except StoreError as exc:
