@@ -20,7 +20,7 @@ from importlib.resources import files
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -67,6 +67,8 @@ COUNT_EVIDENCE_LUA = _script("count_evidence")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
 # Where Redis sends the keys a tracking connection redirects its invalidations for.
 INVALIDATE_CHANNEL = "__redis__:invalidate"
+# Re-reads on the tracked connection measure Redis's clock at most this often.
+CLOCK_READ_SECONDS = 10.0
 
 
 class RedisStateStore:
@@ -103,6 +105,7 @@ class RedisStateStore:
         self._tracking_broken = False  # either connection was re-made: Redis forgot it
         self.tracking_refused = False  # CLIENT TRACKING not allowed here: re-reads only
         self._pushed: list[Invalidated] = []  # RESP3 invalidation pushes not yet yielded
+        self._clock_read = -CLOCK_READ_SECONDS  # when the offset was measured (monotonic)
 
     @property
     def tracking(self) -> bool:
@@ -180,8 +183,11 @@ class RedisStateStore:
             values = await self._run("MGET", client.mget_nonatomic(keys)) if keys else []
         elif (tracked := self._tracked) is not None:
             # Read on the tracked connection: Redis then reports these keys' next change.
-            now = await self._run("TIME", tracked.time(), operation="load")
             values = await self._run("MGET", tracked.mget(keys), operation="load") if keys else []
+            if time.monotonic() - self._clock_read < CLOCK_READ_SECONDS:
+                return self._found(services, values)
+            sent = self._clock()
+            now = await self._run("TIME", tracked.time(), operation="load")
         else:
             pipe = client.pipeline(transaction=False)
             pipe.time()
@@ -190,6 +196,10 @@ class RedisStateStore:
             replies = await self._run("TIME/MGET", pipe.execute(), operation="load")
             now, values = replies[0], (replies[1] if keys else [])
         self._observe_clock(sent, now)
+        self._clock_read = time.monotonic()
+        return self._found(services, values)
+
+    def _found(self, services: Sequence[str], values: Sequence[Any]) -> dict[str, BreakerSnapshot]:
         found: dict[str, BreakerSnapshot] = {}
         for service, raw in zip(services, values, strict=True):
             if raw is None:
@@ -487,7 +497,7 @@ class RedisStateStore:
                 await pubsub.aclose()
             if tracked is not None:
                 with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await tracked.aclose()
+                    await tracked.aclose(close_connection_pool=True)
 
     async def _subscribe(self, pubsub: Any) -> None:
         """Subscribe to the announcements and, where Redis allows it, to the invalidations of
@@ -501,7 +511,7 @@ class RedisStateStore:
         connection = pubsub.connection
         await connection.send_command("CLIENT", "ID")
         subscriber_id = await connection.read_response()
-        tracked = client.client()
+        tracked = _dedicated(client)
         try:
             if isinstance(subscriber_id, ResponseError):
                 raise subscriber_id
@@ -510,7 +520,7 @@ class RedisStateStore:
         except ResponseError as exc:
             # An ACL without client|id or client|tracking, a server older than 6.2: re-reads.
             with contextlib.suppress(RedisError, OSError, RuntimeError):
-                await tracked.aclose()
+                await tracked.aclose(close_connection_pool=True)
             self._refuse_tracking(exc)
             await pubsub.subscribe(self.channel)
             return
@@ -600,7 +610,7 @@ class RedisStateStore:
         tracked, self._tracked = self._tracked, None
         if tracked is not None:
             with contextlib.suppress(RedisError, OSError, RuntimeError):
-                await tracked.aclose()
+                await tracked.aclose(close_connection_pool=True)
         client, self._client = self._client, None
         if isinstance(client, RedisCluster):
             with contextlib.suppress(RedisError, OSError):
@@ -868,6 +878,22 @@ def _instance_view(raw: bytes, shift: float) -> InstanceView | None:
         )
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
         return None
+
+
+def _dedicated(client: Redis) -> Redis:
+    """One connection of its own, to the same server with the same settings, outside the
+    shared pool (a pool of `pool_size` keeps all its connections for writes and leases)."""
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
+    kwargs["connection_class"] = pool.connection_class
+    own: ConnectionPool
+    if isinstance(pool, SentinelConnectionPool):
+        own = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            pool.service_name, pool.sentinel_manager, max_connections=1, **kwargs
+        )
+    else:
+        own = ConnectionPool(max_connections=1, **kwargs)
+    return Redis(connection_pool=own, single_connection_client=True)
 
 
 def _text(value: Any) -> str | None:
