@@ -145,6 +145,20 @@ class RedisStateStore:
                 f"{what}: {type(exc).__name__}: {text}", operation or what.lower()
             ) from exc
 
+    async def _read(self, what: str, call: Awaitable[T], operation: str) -> T:
+        """A read on the tracked connection. One that failed (a timeout may leave a reply in
+        flight) ends tracking: reads go through the pool, the listener sets it up afresh."""
+        try:
+            return await self._run(what, call, operation=operation)
+        except BaseException:
+            tracked, self._tracked = self._tracked, None
+            self._tracking_broken = True
+            if tracked is not None:
+                with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
+                    async with asyncio.timeout(self.settings.socket_timeout_seconds):
+                        await tracked.aclose(close_connection_pool=True)
+            raise
+
     def key(self, service: str, kind: str = "state") -> str:
         """The Redis key of a service's `state` (or `probe` slots)."""
         if self.topology.kind == "cluster":
@@ -183,11 +197,11 @@ class RedisStateStore:
             values = await self._run("MGET", client.mget_nonatomic(keys)) if keys else []
         elif (tracked := self._tracked) is not None:
             # Read on the tracked connection: Redis then reports these keys' next change.
-            values = await self._run("MGET", tracked.mget(keys), operation="load") if keys else []
+            values = await self._read("MGET", tracked.mget(keys), "load") if keys else []
             if time.monotonic() - self._clock_read < CLOCK_READ_SECONDS:
                 return self._found(services, values)
             sent = self._clock()
-            now = await self._run("TIME", tracked.time(), operation="load")
+            now = await self._read("TIME", tracked.time(), "load")
         else:
             pipe = client.pipeline(transaction=False)
             pipe.time()
@@ -358,9 +372,10 @@ class RedisStateStore:
         keys = [self.key(s, "policy") for s in services]
         if isinstance(client, RedisCluster):
             values = await self._run("MGET", client.mget_nonatomic(keys), operation="policy")
+        elif (tracked := self._tracked) is not None:
+            values = await self._read("MGET", tracked.mget(keys), "policy")
         else:
-            reader = self._tracked or client
-            values = await self._run("MGET", reader.mget(keys), operation="policy")
+            values = await self._run("MGET", client.mget(keys), operation="policy")
         found: dict[str, dict[str, object]] = {}
         for service, raw in zip(services, values, strict=True):
             if raw is None:
@@ -573,7 +588,8 @@ class RedisStateStore:
     @property
     def _listen_timeout(self) -> float:
         # With Sentinel the listener looks up often enough to follow a new master at once.
-        return 0.25 if self.topology.kind == "sentinel" else 5.0
+        # Otherwise often enough to notice a lost tracking connection within a second.
+        return 0.25 if self.topology.kind == "sentinel" else 1.0
 
     async def _follow_master(self) -> None:
         """With Sentinel: ask which server is the master now, and move there if it changed.
@@ -669,7 +685,10 @@ class RedisStateStore:
         known = cached[1].version if cached is not None and cached[1] is not None else -1
         if 0 <= known - announced.version <= 2**52:
             return None  # nothing new (the sync ignores older versions anyway)
-        raw = await self._run("GET", (self._tracked or self._redis()).get(self.key(service)))
+        if (tracked := self._tracked) is not None:
+            raw = await self._read("GET", tracked.get(self.key(service)), "get")
+        else:
+            raw = await self._run("GET", self._redis().get(self.key(service)))
         stored = None if raw is None else self._decode(service, raw)
         # Both on our clock with the same offset (a re-read may have moved it meanwhile).
         announced = _shift(announced, -self.offset)

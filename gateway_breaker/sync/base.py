@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from gateway_breaker.config import RedisSettings
@@ -37,6 +38,10 @@ PROBE_RECHECK_SECONDS = 0.25
 SWEEP_TRACKED = 100
 SWEEP_UNTRACKED = 1000
 SWEEP_PER_KEY = 2
+# After a fault (an outage, a lost subscription or tracking) every service is re-read every
+# interval for this long, as before any of it: whatever a failover, a cut connection or a write
+# that timed out after it landed left different, the fleet agrees again within an interval.
+RECOVERY_SECONDS = 30.0
 
 
 class SyncBase:
@@ -84,9 +89,10 @@ class SyncBase:
         self._urgent_next = 0.0
         # The view of the breakers in this instance's registered record (None: not written).
         self._registered: dict[str, tuple[str, int]] | None = None
-        self._resubscribed = False
+        self._resubscribed = False  # the next re-read follows a lost subscription
         self._sweep_names: list[str] | None = None  # this lap of the round-robin re-read
-        self._sweep_at = 0  # the next re-read follows a lost subscription
+        self._sweep_at = 0
+        self._recovering_until = 0.0  # monotonic: re-read everything every interval until then
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -95,7 +101,12 @@ class SyncBase:
         except TimeoutError:
             pass
 
+    def _recovering(self) -> None:
+        """A fault happened: re-read every service every interval for a while."""
+        self._recovering_until = time.monotonic() + RECOVERY_SECONDS
+
     def _lost(self, exc: StoreError, service: str | None = None) -> None:
+        self._recovering()
         self.errors[exc.operation] = self.errors.get(exc.operation, 0) + 1
         self.connected = False
         self._wake.set()

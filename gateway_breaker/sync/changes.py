@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterable
 
 from gateway_breaker.breaker import BreakerSnapshot, CircuitState
@@ -79,6 +80,8 @@ class Changes(Writes):
                         # (Re)subscribed: what was announced while cut off is lost; re-read.
                         backoff = 0.05
                         self._resubscribed = subscribed  # cut off: Redis may have lost keys
+                        if subscribed:
+                            self._recovering()
                         subscribed = True
                         self._to_load.update(self._manager.breakers())
                         self._policies_to_load.update(self._manager.breakers())
@@ -114,6 +117,8 @@ class Changes(Writes):
     def _sweep(self) -> list[str]:
         """The next few services of the slow round-robin re-read, the last safety net: a fixed
         number a round, whatever S, so a full sweep takes S / that many rounds."""
+        if time.monotonic() < self._recovering_until:
+            return list(self._manager.breakers())
         if self.store.per_key_reads:
             count = SWEEP_PER_KEY
         elif self.store.tracking:
