@@ -174,7 +174,10 @@ async def _operator(url: str, services: int, prefix: str, names: list[str]) -> f
     manager = await CircuitBreakerManager.with_redis(config_for(url, services, prefix))
     try:
         started = time.time()
-        await asyncio.gather(*(manager.set_manual(n, "forced_open") for n in names))
+        for i in range(0, len(names), 100):  # an operator's commands, 100 at a time
+            await asyncio.gather(
+                *(manager.set_manual(n, "forced_open") for n in names[i : i + 100])
+            )
         return started
     finally:
         await manager.aclose()

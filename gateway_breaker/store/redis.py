@@ -102,6 +102,7 @@ class RedisStateStore:
         # Server-assisted client-side caching: the one connection that reads state and policy
         # keys, tracked by Redis, which sends their invalidations to the subscriber connection.
         self._tracked: Redis | None = None
+        self._retired: list[Redis] = []  # tracked connections given up, not closed yet
         self._tracking_broken = False  # either connection was re-made: Redis forgot it
         self.tracking_refused = False  # CLIENT TRACKING not allowed here: re-reads only
         self._pushed: list[Invalidated] = []  # RESP3 invalidation pushes not yet yielded
@@ -151,13 +152,23 @@ class RedisStateStore:
         try:
             return await self._run(what, call, operation=operation)
         except BaseException:
-            tracked, self._tracked = self._tracked, None
+            self._retire_tracking()
             self._tracking_broken = True
-            if tracked is not None:
-                with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
-                    async with asyncio.timeout(self.settings.socket_timeout_seconds):
-                        await tracked.aclose(close_connection_pool=True)
             raise
+
+    def _retire_tracking(self) -> None:
+        """Stop reading on the tracked connection; it is closed once no read can be using it
+        (at the next subscription, or at the end)."""
+        tracked, self._tracked = self._tracked, None
+        if tracked is not None:
+            self._retired.append(tracked)
+
+    async def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for tracked in retired:
+            with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
+                async with asyncio.timeout(self.settings.socket_timeout_seconds):
+                    await tracked.aclose(close_connection_pool=True)
 
     def key(self, service: str, kind: str = "state") -> str:
         """The Redis key of a service's `state` (or `probe` slots)."""
@@ -507,17 +518,15 @@ class RedisStateStore:
                 else:
                     await asyncio.sleep(0)  # a flood of junk must not starve the requests
         finally:
-            tracked, self._tracked = self._tracked, None
+            self._retire_tracking()
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await pubsub.aclose()
-            if tracked is not None:
-                with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await tracked.aclose(close_connection_pool=True)
 
     async def _subscribe(self, pubsub: Any) -> None:
         """Subscribe to the announcements and, where Redis allows it, to the invalidations of
         the keys read on a tracked connection redirected to this one (Redis 6.2+, RESP2)."""
         self._tracking_broken = False
+        await self._close_retired()
         client = self._redis()
         if not isinstance(client, Redis) or self.tracking_refused:
             await pubsub.subscribe(self.channel)
@@ -623,10 +632,8 @@ class RedisStateStore:
         self._master = address
 
     async def aclose(self) -> None:
-        tracked, self._tracked = self._tracked, None
-        if tracked is not None:
-            with contextlib.suppress(RedisError, OSError, RuntimeError):
-                await tracked.aclose(close_connection_pool=True)
+        self._retire_tracking()
+        await self._close_retired()
         client, self._client = self._client, None
         if isinstance(client, RedisCluster):
             with contextlib.suppress(RedisError, OSError):
@@ -899,6 +906,21 @@ def _instance_view(raw: bytes, shift: float) -> InstanceView | None:
         return None
 
 
+class _OwnPool(ConnectionPool):
+    """The tracked connection's pool: a read still finishing when its client was closed gives
+    back a connection the closed pool no longer knows, which is no error."""
+
+    async def release(self, connection: Any) -> None:
+        with contextlib.suppress(KeyError):
+            await super().release(connection)
+
+
+class _OwnSentinelPool(SentinelConnectionPool):
+    async def release(self, connection: Any) -> None:
+        with contextlib.suppress(KeyError):
+            await super().release(connection)
+
+
 def _dedicated(client: Redis) -> Redis:
     """One connection of its own, to the same server with the same settings, outside the
     shared pool (a pool of `pool_size` keeps all its connections for writes and leases)."""
@@ -907,11 +929,11 @@ def _dedicated(client: Redis) -> Redis:
     kwargs["connection_class"] = pool.connection_class
     own: ConnectionPool
     if isinstance(pool, SentinelConnectionPool):
-        own = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        own = _OwnSentinelPool(  # type: ignore[no-untyped-call]
             pool.service_name, pool.sentinel_manager, max_connections=1, **kwargs
         )
     else:
-        own = ConnectionPool(max_connections=1, **kwargs)
+        own = _OwnPool(max_connections=1, **kwargs)
     return Redis(connection_pool=own, single_connection_client=True)
 
 
