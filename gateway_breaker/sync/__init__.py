@@ -1,4 +1,4 @@
-"""The background half of a Redis-backed manager, one idea a module.
+"""The background half of a Redis-backed manager, one idea a module; each states its cost.
 
 `writes` (dirty services -> compare-and-set), `changes` (announcements and re-reads), `evidence`
 (fleet counts), `leases` (probe slots), `registry` (live instances); `state_sync` runs them.

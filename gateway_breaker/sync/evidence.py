@@ -1,4 +1,9 @@
-"""Evidence: fleet counting, counts sent in small batches off the request path."""
+"""Evidence: fleet counting, counts sent in small batches off the request path.
+
+Cost: one script call per service with new counts at most every `evidence_flush_seconds`
+(sooner near a threshold); none while every call succeeds. Grows with the services that see
+failures, not with S; Redis keeps one entry per failing instance per service (O(N) at most).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Leases: fleet-wide half-open probe slots, the one bounded round trip of a request."""
+"""Leases: fleet-wide half-open probe slots, the one bounded round trip of a request.
+
+Cost: one script call per probe taken and one per slot given back early, only for breakers at
+the end of an open period; nothing at rest, independent of N and S.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,11 @@ Local transitions mark a service dirty (no I/O on the request path); one task wr
 services with compare-and-set, re-reads every service's stored state periodically and after a
 reconnect, and adopts newer states that other instances wrote. The store is the fleet's truth:
 a breaker with no unsent change mirrors it; a write that lost a race adopts the winner.
+
+Cost at rest, per instance and `sync_interval_seconds`: the registry's heartbeat and the
+changes' slow re-read, a fixed number of commands whatever S (docs/scale.md); Redis's cost is
+O(N). Startup and the re-read after a fault read every service once: O(S) keys in a few round
+trips (one per node on a Cluster, by the client's pipelines).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from gateway_breaker.sync.leases import Leases
 class StateSync(FleetEvidence, Leases):
     """The background half of a Redis-backed manager: writes, re-reads, announcements, leases.
 
-    Two tasks: one writes dirty services and re-reads all of them every `sync_interval_seconds`
-    (reconnecting with backoff while the store is down); one applies other instances'
-    announcements as they arrive. Only `acquire_probe` is awaited by a request, bounded.
+    Two tasks: one writes dirty services, re-reads a few of them every `sync_interval_seconds`
+    and all of them after a fault (reconnecting with backoff while the store is down); one
+    applies other instances' announcements and Redis's invalidations as they arrive. Only
+    `acquire_probe` is awaited by a request, bounded.
     """
 
     async def start(self, services: list[str]) -> None:

@@ -1,4 +1,9 @@
-"""Writes: local transitions reach Redis by compare-and-set, off the request path."""
+"""Writes: local transitions reach Redis by compare-and-set, off the request path.
+
+Cost: one script call (compare-and-set, history, announcement) per local transition, whatever
+N and S; nothing while no breaker of this instance changes. Each write reaches the N - 1 other
+instances as one announcement (and, with client tracking, one invalidation) each.
+"""
 
 from __future__ import annotations
 
