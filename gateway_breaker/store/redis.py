@@ -548,10 +548,17 @@ class RedisStateStore:
             self._refuse_tracking(exc)
             await pubsub.subscribe(self.channel)
             return
+        except BaseException:
+            self._retired.append(tracked)  # closed at the next subscription, or at the end
+            raise
         # RESP2: invalidations arrive as messages on the channel; RESP3: as pushes.
         self._pushed.clear()
         connection._parser.set_invalidation_push_handler(self._invalidation_pushed)
-        await pubsub.subscribe(self.channel, INVALIDATE_CHANNEL)
+        try:
+            await pubsub.subscribe(self.channel, INVALIDATE_CHANNEL)
+        except BaseException:
+            self._retired.append(tracked)
+            raise
         connection.register_connect_callback(self._connection_remade)
         if tracked.connection is not None:
             tracked.connection.register_connect_callback(self._connection_remade)  # type: ignore[no-untyped-call]

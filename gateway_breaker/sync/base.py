@@ -63,6 +63,7 @@ class SyncBase:
         self.errors: dict[str, int] = {}  # failed store operations by kind
         self._pending_history: dict[str, list[TransitionEvent]] = {}
         self._policies_to_load: set[str] = set()
+        self._policy_writing: set[str] = set()  # policies this instance's command is storing
         self._superseded: set[str] = set()  # local changes another instance's state replaced
         self._dirty: set[str] = set()
         self._to_load: set[str] = set()

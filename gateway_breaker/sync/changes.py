@@ -53,11 +53,15 @@ class Changes(Writes):
         """Store (None: delete) a live policy override and announce it."""
         if not self.connected:
             raise StoreError("Redis unreachable: the policy change was not applied", "policy")
+        # Redis reports our own write as a change too: the command applies it, not a re-read.
+        self._policy_writing.add(service)
         try:
             await self.store.write_policy(service, fields, self._instance)
         except StoreError as exc:
             self._lost(exc)
             raise
+        finally:
+            self._policy_writing.discard(service)
 
     async def history(self, service: str, limit: int) -> list[TransitionEvent]:
         try:
@@ -175,4 +179,5 @@ class Changes(Writes):
     async def _load_policies(self, services: list[str]) -> None:
         stored = await self.store.load_policies(services)
         for name in services:
-            self._manager.apply_policy(name, stored.get(name))
+            if name not in self._policy_writing:
+                self._manager.apply_policy(name, stored.get(name))
