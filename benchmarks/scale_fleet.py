@@ -175,8 +175,11 @@ async def _operator(url: str, services: int, prefix: str, names: list[str]) -> f
     try:
         started = time.time()
         for i in range(0, len(names), 100):  # an operator's commands, 100 at a time
+            # A command that waited too long for its write is still written (and applied by
+            # every instance): the watchers tell when.
             await asyncio.gather(
-                *(manager.set_manual(n, "forced_open") for n in names[i : i + 100])
+                *(manager.set_manual(n, "forced_open") for n in names[i : i + 100]),
+                return_exceptions=True,
             )
         return started
     finally:
