@@ -67,6 +67,8 @@ COUNT_EVIDENCE_LUA = _script("count_evidence")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
 # Where Redis sends the keys a tracking connection redirects its invalidations for.
 INVALIDATE_CHANNEL = "__redis__:invalidate"
+# An invalidated state key waits this long for the announcement that usually follows it.
+STALE_GRACE_SECONDS = 0.05
 # Re-reads on the tracked connection measure Redis's clock at most this often.
 CLOCK_READ_SECONDS = 10.0
 
@@ -105,6 +107,7 @@ class RedisStateStore:
         self._retired: list[Redis] = []  # tracked connections given up, not closed yet
         self._tracking_broken = False  # either connection was re-made: Redis forgot it
         self.tracking_refused = False  # CLIENT TRACKING not allowed here: re-reads only
+        self._stale: dict[str, float] = {}  # state keys invalidated, not read since: when
         self._pushed: list[Invalidated] = []  # RESP3 invalidation pushes not yet yielded
         self._clock_read = -CLOCK_READ_SECONDS  # when the offset was measured (monotonic)
 
@@ -481,9 +484,12 @@ class RedisStateStore:
                 if self._tracking_broken:
                     # A connection was re-made: Redis tracks nothing for us any more.
                     raise StoreError("client tracking: a connection was re-made")
+                if due := self._stale_due():
+                    yield due
                 try:
                     message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=self._listen_timeout
+                        ignore_subscribe_messages=True,
+                        timeout=STALE_GRACE_SECONDS if self._stale else self._listen_timeout,
                     )
                 except ResponseError as exc:
                     if self._tracked is None or self.tracking_refused:
@@ -497,7 +503,8 @@ class RedisStateStore:
                     self._unsure = set(self._services)
                     raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
                 while self._pushed:
-                    yield self._pushed.pop(0)
+                    if (now := self._hold(self._pushed.pop(0))) is not None:
+                        yield now
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     # redis-py's read can swallow a cancellation: honour it here.
@@ -505,7 +512,8 @@ class RedisStateStore:
                 if message is None or message.get("type") != "message":
                     continue
                 if _text(message.get("channel")) == INVALIDATE_CHANNEL:
-                    yield self._invalidated(message["data"])
+                    if (now := self._hold(self._invalidated(message["data"]))) is not None:
+                        yield now
                     continue
                 event = self._decode_event(message["data"])
                 announced = None if event is None else event[1]
@@ -522,10 +530,33 @@ class RedisStateStore:
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await pubsub.aclose()
 
+    def _hold(self, event: Invalidated) -> Invalidated | None:
+        """What to report of an invalidation now. A changed state key is held back briefly:
+        a write through the package announces itself right after its invalidation, and the
+        announcement's verifying read re-reads (and tracks) the key, so it needs no second."""
+        if event.everything:
+            self._stale.clear()
+            return event
+        now = time.monotonic()
+        for service in event.states:
+            self._stale.setdefault(service, now)
+        return Invalidated(policies=event.policies) if event.policies else None
+
+    def _stale_due(self) -> Invalidated | None:
+        """State keys changed past the announcements: held for their grace, no read since."""
+        if not self._stale:
+            return None
+        limit = time.monotonic() - STALE_GRACE_SECONDS
+        due = tuple(s for s, at in self._stale.items() if at <= limit)
+        for service in due:
+            del self._stale[service]
+        return Invalidated(states=due) if due else None
+
     async def _subscribe(self, pubsub: Any) -> None:
         """Subscribe to the announcements and, where Redis allows it, to the invalidations of
         the keys read on a tracked connection redirected to this one (Redis 6.2+, RESP2)."""
         self._tracking_broken = False
+        self._stale.clear()  # everything is read again after a subscription
         await self._close_retired()
         client = self._redis()
         if not isinstance(client, Redis) or self.tracking_refused:
@@ -701,6 +732,7 @@ class RedisStateStore:
             return None  # nothing new (the sync ignores older versions anyway)
         if (tracked := self._tracked) is not None:
             raw = await self._read("GET", tracked.get(self.key(service)), "get")
+            self._stale.pop(service, None)  # read (and tracked) again after its invalidation
         else:
             raw = await self._run("GET", self._redis().get(self.key(service)))
         stored = None if raw is None else self._decode(service, raw)
