@@ -35,6 +35,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("fleet_evidence.py", {"settings", "failed_calls", "redis_steady"}),
         ("hostile.py", {"settings", "planted", "flood"}),
         ("outbound_overhead.py", {"settings", "machine", "local_upstream", "wrapper_alone"}),
+        ("scale_fleet.py", {"settings", "results"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:

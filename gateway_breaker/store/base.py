@@ -57,12 +57,32 @@ class Evidence:
     quorum: int
 
 
+@dataclass(frozen=True, slots=True)
+class Invalidated:
+    """Keys Redis reports changed since this instance read them: the services whose state or
+    policy to read again (`everything`: all of them, say after a FLUSHALL)."""
+
+    states: tuple[str, ...] = ()
+    policies: tuple[str, ...] = ()
+    everything: bool = False
+
+
 class StateStore(Protocol):
     """Shared breaker state, one record per service, versioned.
 
     Every method may raise `StoreError` when the backend cannot be reached; callers keep working
     in memory and try again later.
     """
+
+    @property
+    def tracking(self) -> bool:
+        """Whether the store reports changes of the keys it read (`Invalidated` events)."""
+        ...
+
+    @property
+    def per_key_reads(self) -> bool:
+        """Whether reading k keys costs k commands (a Cluster), not one."""
+        ...
 
     def describe(self) -> str:
         """Where the store lives, safe to log (no password)."""
@@ -106,6 +126,11 @@ class StateStore(Protocol):
         """Record this instance as live for `ttl` seconds, with its view of the breakers."""
         ...
 
+    async def heartbeat(self, instance: str, ttl: float) -> bool:
+        """Keep a registered instance live for `ttl` more seconds, in O(1) commands and bytes.
+        False: its record is gone; register it again."""
+        ...
+
     async def instances(self) -> list[InstanceView]:
         """Every instance that registered within its ttl."""
         ...
@@ -133,8 +158,11 @@ class StateStore(Protocol):
         """How many instances registered within the last `ttl` seconds."""
         ...
 
-    def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | None]:
-        """States as instances write them, `(service, None)` for a policy change; None once
+    def events(
+        self,
+    ) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | Invalidated | None]:
+        """States as instances write them, `(service, None)` for a policy change, `Invalidated`
+        for keys changed past the announcements (tracking); None once
         subscribed (re-read then: anything published while cut off is lost). Raises
         `StoreError` when the subscription breaks."""
         ...

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -20,7 +21,7 @@ from importlib.resources import files
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -38,7 +39,7 @@ from gateway_breaker.breaker import BreakerSnapshot, Clock
 from gateway_breaker.config import RedisSettings, redact_url, url_secrets
 from gateway_breaker.errors import ConfigError, PolicyError, StoreError, redact_secrets
 from gateway_breaker.store import checks
-from gateway_breaker.store.base import Evidence, EvidenceResult, WriteResult
+from gateway_breaker.store.base import Evidence, EvidenceResult, Invalidated, WriteResult
 from gateway_breaker.store.codec import (
     MAX_REASON_CHARS,
     MAX_STATE_BYTES,
@@ -65,6 +66,12 @@ ACQUIRE_PROBE_LUA = _script("acquire_probe")
 COUNT_EVIDENCE_LUA = _script("count_evidence")
 READ_HISTORY_LUA = _script("read_history")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
+# Where Redis sends the keys a tracking connection redirects its invalidations for.
+INVALIDATE_CHANNEL = "__redis__:invalidate"
+# An invalidated state key waits this long for the announcement that usually follows it.
+STALE_GRACE_SECONDS = 0.05
+# Re-reads on the tracked connection measure Redis's clock at most this often.
+CLOCK_READ_SECONDS = 10.0
 
 
 class RedisStateStore:
@@ -97,6 +104,26 @@ class RedisStateStore:
         self.rejected = checks.Rejections()  # unusable values of our other keys, by kind
         self._policies: dict[str, dict[str, object]] = {}  # the last usable override read
         self.instance = uuid.uuid4().hex  # tags our announcements, so we skip our own
+        # Server-assisted client-side caching: the one connection that reads state and policy
+        # keys, tracked by Redis, which sends their invalidations to the subscriber connection.
+        self._tracked: Redis | None = None
+        self._retired: list[Redis] = []  # tracked connections given up, not closed yet
+        self._tracking_broken = False  # either connection was re-made: Redis forgot it
+        self.tracking_refused = False  # CLIENT TRACKING not allowed here: re-reads only
+        self._stale: dict[str, float] = {}  # state keys invalidated, not read since: when
+        self._pushed: list[Invalidated] = []  # RESP3 invalidation pushes not yet yielded
+        self._clock_read = -CLOCK_READ_SECONDS  # when the offset was measured (monotonic)
+
+    @property
+    def tracking(self) -> bool:
+        """Whether Redis reports changes of the keys this instance read (in every case but a
+        Cluster or a Redis that refuses CLIENT TRACKING, while subscribed)."""
+        return self._tracked is not None
+
+    @property
+    def per_key_reads(self) -> bool:
+        """Whether reading k keys costs k commands (a Cluster: each service has its own slot)."""
+        return self.topology.kind == "cluster"
 
     def describe(self) -> str:
         return redact_url(self.settings.url or "")
@@ -125,6 +152,30 @@ class RedisStateStore:
             raise StoreError(
                 f"{what}: {type(exc).__name__}: {text}", operation or what.lower()
             ) from exc
+
+    async def _read(self, what: str, call: Awaitable[T], operation: str) -> T:
+        """A read on the tracked connection. One that failed (a timeout may leave a reply in
+        flight) ends tracking: reads go through the pool, the listener sets it up afresh."""
+        try:
+            return await self._run(what, call, operation=operation)
+        except BaseException:
+            self._retire_tracking()
+            self._tracking_broken = True
+            raise
+
+    def _retire_tracking(self) -> None:
+        """Stop reading on the tracked connection; it is closed once no read can be using it
+        (at the next subscription, or at the end)."""
+        tracked, self._tracked = self._tracked, None
+        if tracked is not None:
+            self._retired.append(tracked)
+
+    async def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for tracked in retired:
+            with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
+                async with asyncio.timeout(self.settings.socket_timeout_seconds):
+                    await tracked.aclose(close_connection_pool=True)
 
     def key(self, service: str, kind: str = "state") -> str:
         """The Redis key of a service's `state` (or `probe` slots)."""
@@ -162,6 +213,13 @@ class RedisStateStore:
             # Keys spread over slots: the client splits the MGET by node.
             now = await self._run("TIME", client.time(target_nodes=RedisCluster.DEFAULT_NODE))
             values = await self._run("MGET", client.mget_nonatomic(keys)) if keys else []
+        elif (tracked := self._tracked) is not None:
+            # Read on the tracked connection: Redis then reports these keys' next change.
+            values = await self._read("MGET", tracked.mget(keys), "load") if keys else []
+            if time.monotonic() - self._clock_read < CLOCK_READ_SECONDS:
+                return self._found(services, values)
+            sent = self._clock()
+            now = await self._read("TIME", tracked.time(), "load")
         else:
             pipe = client.pipeline(transaction=False)
             pipe.time()
@@ -170,6 +228,10 @@ class RedisStateStore:
             replies = await self._run("TIME/MGET", pipe.execute(), operation="load")
             now, values = replies[0], (replies[1] if keys else [])
         self._observe_clock(sent, now)
+        self._clock_read = time.monotonic()
+        return self._found(services, values)
+
+    def _found(self, services: Sequence[str], values: Sequence[Any]) -> dict[str, BreakerSnapshot]:
         found: dict[str, BreakerSnapshot] = {}
         for service, raw in zip(services, values, strict=True):
             if raw is None:
@@ -344,6 +406,8 @@ class RedisStateStore:
         keys = [self.key(s, "policy") for s in services]
         if isinstance(client, RedisCluster):
             values = await self._run("MGET", client.mget_nonatomic(keys), operation="policy")
+        elif (tracked := self._tracked) is not None:
+            values = await self._read("MGET", tracked.mget(keys), "policy")
         else:
             values = await self._run("MGET", client.mget(keys), operation="policy")
         found: dict[str, dict[str, object]] = {}
@@ -402,20 +466,43 @@ class RedisStateStore:
             self.rejected("registry", "the instance index is not a sorted set: replaced")
             await self._run("DEL", client.delete(index), operation="register")
 
+    async def heartbeat(self, instance: str, ttl: float) -> bool:
+        """Keep a registered instance live: two commands, whatever its number of breakers.
+        False: its record is gone (expired, or a new master lacks it): register it again."""
+        client = self._redis()
+        last_seen = self._clock() + self.offset
+        pipe = client.pipeline(transaction=False)
+        pipe.zadd(f"{self.settings.key_prefix}:instances", {instance: round(last_seen * 1000)})
+        pipe.pexpire(f"{self.settings.key_prefix}:instance:{instance}", max(1, round(ttl * 1000)))
+        try:
+            replies = await self._run("ZADD/PEXPIRE", pipe.execute(), operation="register")
+        except StoreError as exc:
+            if not _wrong_type(exc):
+                raise
+            return False  # not an index of ours: registering again replaces it
+        return bool(replies[1])
+
     async def instances(self) -> list[InstanceView]:
         client = self._redis()
         index = f"{self.settings.key_prefix}:instances"
         try:
-            ids: Any = await self._run("ZRANGE", client.zrange(index, 0, 999), operation="fleet")
+            ids: Any = await self._run(
+                "ZRANGE", client.zrange(index, 0, 999, withscores=True), operation="fleet"
+            )
         except StoreError as exc:
             if not _wrong_type(exc):
                 raise
             self.rejected("registry", "the instance index is not a sorted set")
             return []
-        ids = [i for i in ids or [] if len(i) <= 64]
+        ids = [(i, score) for i, score in ids or [] if len(i) <= 64 and math.isfinite(score)]
         if not ids:
             return []
-        keys = [f"{self.settings.key_prefix}:instance:{bytes(i).decode()}" for i in ids]
+        keys = [
+            f"{self.settings.key_prefix}:instance:{bytes(i).decode(errors='replace')}"
+            for i, _ in ids
+        ]
+        # The record is written when the view changes; the heartbeat moves only the score.
+        seen = {bytes(i).decode(errors="replace"): score / 1000 - self.offset for i, score in ids}
         if isinstance(client, RedisCluster):
             values = await self._run("MGET", client.mget_nonatomic(keys), operation="fleet")
         else:
@@ -425,36 +512,60 @@ class RedisStateStore:
             if raw is None:
                 continue
             try:
-                found.append(checks.instance_view(raw, -self.offset))
+                view = checks.instance_view(raw, -self.offset)
             except ValueError as exc:
                 self.rejected("instance", str(exc))
+                continue
+            found.append(replace(view, last_seen=max(view.last_seen, seen.get(view.id, 0.0))))
         return sorted(found, key=lambda v: v.started_at)
 
-    async def events(self) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | None]:
+    async def events(
+        self,
+    ) -> AsyncIterator[tuple[str, BreakerSnapshot | None] | Invalidated | None]:
         """Stored states as instances write them; None once subscribed. Raises StoreError
         when cut off: pub/sub drops what is published meanwhile, so re-read after that."""
         pubsub = self._redis().pubsub()
         try:
-            await self._run("SUBSCRIBE", pubsub.subscribe(self.channel))
+            await self._run("SUBSCRIBE", self._subscribe(pubsub))
             yield None
             while True:
                 if self._master_moved:
                     # Announcements now go through the new master: subscribe there, re-read.
                     self._master_moved = False
                     raise StoreError("pub/sub: the Redis master changed")
+                if self._tracking_broken:
+                    # A connection was re-made: Redis tracks nothing for us any more.
+                    raise StoreError("client tracking: a connection was re-made")
+                if due := self._stale_due():
+                    yield due
                 try:
                     message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=self._listen_timeout
+                        ignore_subscribe_messages=True,
+                        timeout=STALE_GRACE_SECONDS if self._stale else self._listen_timeout,
                     )
+                except ResponseError as exc:
+                    if self._tracked is None or self.tracking_refused:
+                        raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
+                    # Most likely an ACL without the invalidation channel: subscribe again
+                    # without tracking.
+                    self._refuse_tracking(exc)
+                    raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
                 except (RedisError, OSError) as exc:
                     # Redis may have restarted empty: a value missing now is no deletion.
                     self._unsure = set(self._services)
                     raise StoreError(f"pub/sub: {type(exc).__name__}") from exc
+                while self._pushed:
+                    if (now := self._hold(self._pushed.pop(0))) is not None:
+                        yield now
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     # redis-py's read can swallow a cancellation: honour it here.
                     raise asyncio.CancelledError
                 if message is None or message.get("type") != "message":
+                    continue
+                if _text(message.get("channel")) == INVALIDATE_CHANNEL:
+                    if (now := self._hold(self._invalidated(message["data"]))) is not None:
+                        yield now
                     continue
                 event = self._decode_event(message["data"])
                 announced = None if event is None else event[1]
@@ -467,13 +578,117 @@ class RedisStateStore:
                 else:
                     await asyncio.sleep(0)  # a flood of junk must not starve the requests
         finally:
+            self._retire_tracking()
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await pubsub.aclose()
+
+    def _hold(self, event: Invalidated) -> Invalidated | None:
+        """What to report of an invalidation now. A changed state key is held back briefly:
+        a write through the package announces itself right after its invalidation, and the
+        announcement's verifying read re-reads (and tracks) the key, so it needs no second."""
+        if event.everything:
+            self._stale.clear()
+            return event
+        now = time.monotonic()
+        for service in event.states:
+            self._stale.setdefault(service, now)
+        return Invalidated(policies=event.policies) if event.policies else None
+
+    def _stale_due(self) -> Invalidated | None:
+        """State keys changed past the announcements: held for their grace, no read since."""
+        if not self._stale:
+            return None
+        limit = time.monotonic() - STALE_GRACE_SECONDS
+        due = tuple(s for s, at in self._stale.items() if at <= limit)
+        for service in due:
+            del self._stale[service]
+        return Invalidated(states=due) if due else None
+
+    async def _subscribe(self, pubsub: Any) -> None:
+        """Subscribe to the announcements and, where Redis allows it, to the invalidations of
+        the keys read on a tracked connection redirected to this one (Redis 6.2+, RESP2)."""
+        self._tracking_broken = False
+        self._stale.clear()  # everything is read again after a subscription
+        await self._close_retired()
+        client = self._redis()
+        if not isinstance(client, Redis) or self.tracking_refused:
+            await pubsub.subscribe(self.channel)
+            return
+        await pubsub.connect()
+        connection = pubsub.connection
+        await connection.send_command("CLIENT", "ID")
+        subscriber_id = await connection.read_response()
+        tracked = _dedicated(client)
+        try:
+            if isinstance(subscriber_id, ResponseError):
+                raise subscriber_id
+            await tracked.initialize()
+            await tracked.execute_command("CLIENT", "TRACKING", "on", "REDIRECT", subscriber_id)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            # An ACL without client|id or client|tracking, a server older than 6.2: re-reads.
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await tracked.aclose(close_connection_pool=True)
+            self._refuse_tracking(exc)
+            await pubsub.subscribe(self.channel)
+            return
+        except BaseException:
+            self._retired.append(tracked)  # closed at the next subscription, or at the end
+            raise
+        # RESP2: invalidations arrive as messages on the channel; RESP3: as pushes.
+        self._pushed.clear()
+        connection._parser.set_invalidation_push_handler(self._invalidation_pushed)
+        try:
+            await pubsub.subscribe(self.channel, INVALIDATE_CHANNEL)
+        except BaseException:
+            self._retired.append(tracked)
+            raise
+        connection.register_connect_callback(self._connection_remade)
+        if tracked.connection is not None:
+            tracked.connection.register_connect_callback(self._connection_remade)  # type: ignore[no-untyped-call]
+        self._tracked = tracked
+
+    def _refuse_tracking(self, exc: BaseException) -> None:
+        self.tracking_refused = True
+        logger.warning(
+            "Redis refused client tracking; changes made past the gateways are found by the"
+            " slow re-read only (error=%s)",
+            _safe(exc, self.settings.url, self.settings.sentinel_password),
+        )
+
+    async def _invalidation_pushed(self, response: Any) -> None:
+        data = response[1] if isinstance(response, list) and len(response) > 1 else None
+        self._pushed.append(self._invalidated(data))
+
+    async def _connection_remade(self, connection: Any) -> None:
+        # redis-py re-made a tracked or subscriber connection in place: tracking is lost.
+        self._tracking_broken = True
+
+    def _invalidated(self, data: Any) -> Invalidated:
+        """Which of our services' state or policy keys Redis says changed (None: all)."""
+        if data is None:
+            return Invalidated(everything=True)
+        states, policies = [], []
+        prefix = f"{self.settings.key_prefix}:"
+        for item in data if isinstance(data, list) else [data]:
+            key = _text(item)
+            if key is None or not key.startswith(prefix):
+                continue
+            service, _, kind = key[len(prefix) :].rpartition(":")
+            if service.startswith("{") and service.endswith("}"):
+                service = service[1:-1]
+            if service not in self._services:
+                continue
+            if kind == "state":
+                states.append(service)
+            elif kind == "policy":
+                policies.append(service)
+        return Invalidated(states=tuple(states), policies=tuple(policies))
 
     @property
     def _listen_timeout(self) -> float:
         # With Sentinel the listener looks up often enough to follow a new master at once.
-        return 0.25 if self.topology.kind == "sentinel" else 5.0
+        # Otherwise often enough to notice a lost tracking connection within a second.
+        return 0.25 if self.topology.kind == "sentinel" else 1.0
 
     async def _follow_master(self) -> None:
         """With Sentinel: ask which server is the master now, and move there if it changed.
@@ -507,6 +722,8 @@ class RedisStateStore:
         self._master = address
 
     async def aclose(self) -> None:
+        self._retire_tracking()
+        await self._close_retired()
         client, self._client = self._client, None
         if isinstance(client, RedisCluster):
             with contextlib.suppress(RedisError, OSError):
@@ -565,7 +782,11 @@ class RedisStateStore:
         known = cached[1].version if cached is not None and cached[1] is not None else -1
         if 0 <= known - announced.version <= 2**52:
             return None  # nothing new (the sync ignores older versions anyway)
-        raw = await self._run("GET", self._redis().get(self.key(service)))
+        if (tracked := self._tracked) is not None:
+            raw = await self._read("GET", tracked.get(self.key(service)), "get")
+            self._stale.pop(service, None)  # read (and tracked) again after its invalidation
+        else:
+            raw = await self._run("GET", self._redis().get(self.key(service)))
         stored = None if raw is None else self._decode(service, raw)
         # Both on our clock with the same offset (a re-read may have moved it meanwhile).
         announced = _shift(announced, -self.offset)
@@ -756,6 +977,43 @@ def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
         manual=manual,
         closed_at=moved(snapshot.closed_at),
     )
+
+
+class _OwnPool(ConnectionPool):
+    """The tracked connection's pool: a read still finishing when its client was closed gives
+    back a connection the closed pool no longer knows, which is no error."""
+
+    async def release(self, connection: Any) -> None:
+        with contextlib.suppress(KeyError):
+            await super().release(connection)
+
+
+class _OwnSentinelPool(SentinelConnectionPool):
+    async def release(self, connection: Any) -> None:
+        with contextlib.suppress(KeyError):
+            await super().release(connection)
+
+
+def _dedicated(client: Redis) -> Redis:
+    """One connection of its own, to the same server with the same settings, outside the
+    shared pool (a pool of `pool_size` keeps all its connections for writes and leases)."""
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
+    kwargs["connection_class"] = pool.connection_class
+    own: ConnectionPool
+    if isinstance(pool, SentinelConnectionPool):
+        own = _OwnSentinelPool(  # type: ignore[no-untyped-call]
+            pool.service_name, pool.sentinel_manager, max_connections=1, **kwargs
+        )
+    else:
+        own = _OwnPool(max_connections=1, **kwargs)
+    return Redis(connection_pool=own, single_connection_client=True)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
 
 
 def _wrong_type(exc: StoreError) -> bool:

@@ -1,0 +1,54 @@
+"""Registry: this instance's registration and the fleet's live instances.
+
+Cost: a heartbeat of two commands (ZADD, PEXPIRE) and one ZCOUNT per `sync_interval_seconds`,
+whatever the number of services S; the instance's record (its view of each breaker, O(S) bytes)
+is written only when that view changed, at most once an interval. Redis's cost is O(N) at rest.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway_breaker.breaker import BreakerSnapshot
+from gateway_breaker.errors import StoreError
+from gateway_breaker.sync.base import (
+    SyncBase,
+)
+from gateway_breaker.views import FleetView
+
+
+class Registry(SyncBase):
+    """Live instances: this one's registration and the fleet view."""
+
+    async def fleet(self) -> FleetView:
+        if not self.connected:
+            return FleetView(instances=[self._manager.instance_view()], store={})
+        try:
+            instances = await self.store.instances()
+            names = self._manager.services()
+            stored = await self.store.load(names)
+        except StoreError as exc:
+            self._lost(exc)
+            raise
+        return FleetView(
+            instances=instances,
+            store={name: (_effective(snap), snap.version) for name, snap in stored.items()},
+        )
+
+    async def _register_instance(self) -> None:
+        """The record when this instance's view changed (or the record is gone), else only
+        the heartbeat: at most one O(S) write an interval however many transitions it saw."""
+        ttl = max(5.0, 3 * self._interval)
+        view = self._manager.instance_view()
+        if view.breakers != self._registered or not await self.store.heartbeat(view.id, ttl):
+            await self.store.register(view, ttl=ttl)
+            self._registered = dict(view.breakers)
+        await self._count_live()
+
+    async def _count_live(self) -> None:
+        self.live = await self.store.live_instances(max(5.0, 3 * self._interval))
+        self._live_at = time.monotonic()
+
+
+def _effective(snapshot: BreakerSnapshot) -> str:
+    return snapshot.state.value if snapshot.manual is None else snapshot.manual.mode
