@@ -1,0 +1,123 @@
+"""The state every part of the sync shares, and how an outage is noted."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import TYPE_CHECKING
+
+from gateway_breaker.config import RedisSettings
+from gateway_breaker.errors import StoreError
+from gateway_breaker.store.base import StateStore
+from gateway_breaker.views import TransitionEvent
+
+if TYPE_CHECKING:
+    from gateway_breaker.manager import CircuitBreakerManager
+
+logger = logging.getLogger("gateway_breaker")
+
+FLUSH_TIMEOUT_SECONDS = 2.0
+TASK_STOP_TIMEOUT_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 5.0
+# A service's first call waits at most this long for the fleet's state of it.
+FIRST_LOAD_TIMEOUT_SECONDS = 0.25
+# The one round trip a request may wait on: taking a fleet-wide probe slot.
+PROBE_LEASE_TIMEOUT_SECONDS = 0.25
+# An operator's command waits at most this long for its write to reach Redis.
+COMMAND_TIMEOUT_SECONDS = 2.0
+# Transitions kept for the history while they wait for their write (Redis down, say).
+PENDING_HISTORY = 50
+# While another instance holds the probe slots, ask again after at most this long.
+PROBE_RECHECK_SECONDS = 0.25
+
+
+class SyncBase:
+    """What every part of the sync shares: the store, the manager, the outage bookkeeping."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        manager: CircuitBreakerManager,
+        settings: RedisSettings,
+        *,
+        register: bool = True,
+    ) -> None:
+        self.store = store
+        self._manager = manager
+        self._register = register
+        self._interval = settings.sync_interval_seconds
+        self.errors: dict[str, int] = {}  # failed store operations by kind
+        self._pending_history: dict[str, list[TransitionEvent]] = {}
+        self._policies_to_load: set[str] = set()
+        self._superseded: set[str] = set()  # local changes another instance's state replaced
+        self._dirty: set[str] = set()
+        self._to_load: set[str] = set()
+        self._writing: set[str] = set()  # services whose write is in flight
+        self._leases_to_free: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tokens = itertools.count()
+        self._instance = manager.instance_id
+        self.connected = False
+        self._outage_logged = False
+        self._closing = False
+        # Fleet evidence: services with counts the fleet has not seen, sent at most every
+        # `evidence_flush_seconds`; `live` is the number of registered instances (0: unknown).
+        self._evidence: set[str] = set()
+        self._evidence_interval = settings.evidence_flush_seconds
+        self._evidence_next = 0.0
+        self._evidence_timer: asyncio.TimerHandle | None = None
+        self.live = 0
+        self._live_at = 0.0  # when `live` was counted (monotonic)
+        # service -> (run we sent, fleet's run and failing instances in the reply): a run that
+        # may have brought the fleet near its threshold is sent without waiting the interval.
+        self._sent: dict[str, tuple[int, int, int, int]] = {}  # with the breaker's generation
+        self._urgent = False
+        self._urgent_next = 0.0
+        self._resubscribed = False  # the next re-read follows a lost subscription
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            pass
+
+    def _lost(self, exc: StoreError, service: str | None = None) -> None:
+        self.errors[exc.operation] = self.errors.get(exc.operation, 0) + 1
+        self.connected = False
+        self._wake.set()
+        alone = self._set_fleet(False)
+        if self._outage_logged:
+            return
+        self._outage_logged = True
+        if service is not None:
+            logger.error(
+                "Failed to persist circuit breaker state to Redis (service=%s, error=%s)",
+                service,
+                exc,
+            )
+        logger.warning(
+            "Failed to connect to Redis for circuit breaker persistence, falling back to"
+            " in-memory only (url=%s, error=%s)",
+            self.store.describe(),
+            exc,
+        )
+        if alone:
+            logger.warning(
+                "Circuit breakers count failures per instance while Redis is unreachable"
+                " (services=%s)",
+                ",".join(alone),
+            )
+
+    def _set_fleet(self, available: bool) -> list[str]:
+        """Tell every breaker whether fleet counting is possible. Returns the services that
+        counted for the fleet and no longer do."""
+        changed = []
+        for name, breaker in sorted(self._manager.breakers().items()):
+            was = breaker.fleet_counting
+            breaker.set_fleet(available)
+            if was and not breaker.fleet_counting:
+                changed.append(name)
+        return changed

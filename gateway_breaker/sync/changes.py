@@ -1,0 +1,128 @@
+"""Changes: other instances' transitions and policies reach this instance."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable
+
+from gateway_breaker.breaker import BreakerSnapshot, CircuitState
+from gateway_breaker.errors import StoreError
+from gateway_breaker.sync.base import (
+    FIRST_LOAD_TIMEOUT_SECONDS,
+    MAX_BACKOFF_SECONDS,
+    logger,
+)
+from gateway_breaker.sync.writes import Writes, _knows_more, _newer
+from gateway_breaker.views import TransitionEvent
+
+
+class Changes(Writes):
+    """Other instances' changes to this instance: announcements, re-reads, policies."""
+
+    def track(self, service: str) -> None:
+        self._to_load.add(service)
+        self._wake.set()
+
+    async def load_first(self, service: str) -> None:
+        """Fetch one service's stored state now (its first use), bounded; never raises."""
+        if not self.connected:
+            return
+        try:
+            async with asyncio.timeout(FIRST_LOAD_TIMEOUT_SECONDS):
+                await self._reconcile([service])
+        except TimeoutError:
+            self.track(service)  # the background task fetches it
+        except StoreError as exc:
+            self._lost(exc)
+
+    async def store_policy(self, service: str, fields: dict[str, object] | None) -> None:
+        """Store (None: delete) a live policy override and announce it."""
+        if not self.connected:
+            raise StoreError("Redis unreachable: the policy change was not applied", "policy")
+        try:
+            await self.store.write_policy(service, fields, self._instance)
+        except StoreError as exc:
+            self._lost(exc)
+            raise
+
+    async def history(self, service: str, limit: int) -> list[TransitionEvent]:
+        try:
+            return await self.store.history(service, limit)
+        except StoreError as exc:
+            self._lost(exc)
+            raise
+
+    async def _listen(self) -> None:
+        """Apply other instances' transitions as they are announced (milliseconds)."""
+        backoff = 0.05
+        subscribed = False
+        while not self._closing:
+            if not self.connected:
+                await self._sleep(0.05)
+                continue
+            try:
+                async for event in self.store.events():
+                    if event is None:
+                        # (Re)subscribed: what was announced while cut off is lost; re-read.
+                        backoff = 0.05
+                        self._resubscribed = subscribed  # cut off: Redis may have lost keys
+                        subscribed = True
+                        self._to_load.update(self._manager.breakers())
+                        self._policies_to_load.update(self._manager.breakers())
+                        self._wake.set()
+                    elif event[1] is None:
+                        if self._manager.find(event[0]) is not None:
+                            self._policies_to_load.add(event[0])  # a live policy change
+                            self._wake.set()
+                    else:
+                        self._apply(event[0], event[1])
+            except StoreError as exc:
+                logger.debug("Circuit breaker event subscription lost: %s", exc)
+            except Exception:
+                # A last resort: whatever broke, the listener lives on and subscribes again.
+                logger.exception("Circuit breaker event listener failed; restarting it")
+            await self._sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _apply(self, service: str, snapshot: BreakerSnapshot) -> None:
+        breaker = self._manager.find(service)
+        if breaker is None or not _newer(snapshot.version, breaker.version):
+            return  # not ours to care about, or older than what we know
+        if self._unsent(service) and _knows_more(breaker, snapshot):
+            breaker.version = snapshot.version
+            self.mark_dirty(service)  # our change goes on top of it
+            return
+        self._dirty.discard(service)  # a newer fleet state supersedes our unsent change
+        self._superseded.add(service)
+        self._adopt(breaker, snapshot)
+
+    async def _reconcile(self, services: Iterable[str], *, after_outage: bool = False) -> None:
+        breakers = self._manager.breakers()
+        names = [s for s in services if s in breakers]
+        stored = await self.store.load(names)
+        for name in names:
+            if name in self._dirty:
+                continue  # our write decides, by compare-and-set
+            breaker = breakers[name]
+            snapshot = stored.get(name)
+            if snapshot is None:
+                if breaker.state is CircuitState.CLOSED or breaker.local:
+                    continue
+                if breaker.version and not after_outage and self.store.absence_means_reset(name):
+                    # Gone while we were connected: deleted (or expired). That resets it.
+                    self._adopt(breaker, BreakerSnapshot(CircuitState.CLOSED))
+                else:
+                    self.mark_dirty(name)  # never stored, lost, or unusable: put ours back
+            elif snapshot.version != breaker.version or (
+                # The seed's own format has no version: honour what it says.
+                snapshot.version == 0 and snapshot.state is not breaker.state
+            ):
+                self._adopt(breaker, snapshot)
+        if self._dirty:
+            await self._flush()
+
+    async def _load_policies(self, services: list[str]) -> None:
+        stored = await self.store.load_policies(services)
+        for name in services:
+            self._manager.apply_policy(name, stored.get(name))
