@@ -193,7 +193,8 @@ async def _reject(breaker: CircuitBreaker, send: Send) -> None:
     retry_after = breaker.retry_after_header()
     name, state = breaker.name, breaker.effective_state
     if state == "closed":
-        state = "recovering"  # closed, and the recovery ramp did not admit this request
+        # Closed: the adaptive mode shed this request, or the recovery ramp did not admit it.
+        state = "shedding" if breaker.shed_last else "recovering"
     # Service names are validated (letters, digits, '_', '.', '-'): nothing to escape.
     body = (
         '{"type":"about:blank","title":"Service Unavailable","status":503,'
