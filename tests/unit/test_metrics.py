@@ -292,7 +292,7 @@ async def test_calls_by_outcome_and_the_opening_transition(
         o: value(samples, "gateway_breaker_calls_total", service="discovery", outcome=o)
         for o in OUTCOMES
     }
-    assert calls == {"success": 5, "failure": 3, "slow": 0, "rejected": 2, "ignored": 0}
+    assert calls == {"success": 5, "failure": 3, "slow": 0, "rejected": 2, "shed": 0, "ignored": 0}
     opened = value(
         samples, "gateway_breaker_transitions_total",
         service="discovery", origin="local", **{"from": "closed", "to": "open"},
