@@ -44,6 +44,8 @@ VIEW_KEYS = {
     "policy",
     "policy_overridden",
     "local",
+    "health",
+    "rejection_probability",
 }
 
 
