@@ -34,6 +34,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("metrics_cost.py", {"settings", "request_path", "scrape", "history"}),
         ("fleet_evidence.py", {"settings", "failed_calls", "redis_steady"}),
         ("hostile.py", {"settings", "planted", "flood"}),
+        ("brownout.py", {"settings", "runs"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:
