@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway_breaker.policy import Policy
+from gateway_breaker.shedding import FleetCounts, Shedder, health, rejection_probability
 from gateway_breaker.window import RollingWindow
 
 Clock = Callable[[], float]
@@ -25,9 +26,10 @@ MANUAL_MODES = ("forced_open", "disabled", "metrics_only")
 """Modes an operator can put a breaker in, above its automatic state machine."""
 EFFECTIVE_STATES = ("closed", "open", "half_open", *MANUAL_MODES)
 """What a breaker reports: its automatic state, or the manual mode that overrides it."""
-OUTCOMES = ("success", "failure", "slow", "rejected", "ignored")
-"""How a call is counted: `slow` is a failure by the slow-call rule; `ignored` counted for
-nothing (client gone, cancelled, started before a transition)."""
+OUTCOMES = ("success", "failure", "slow", "rejected", "shed", "ignored")
+"""How a call is counted: `slow` is a failure by the slow-call rule; `shed` turned away by the
+adaptive mode while closed; `ignored` counted for nothing (client gone, cancelled, started
+before a transition)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +119,9 @@ class CircuitBreaker:
     """
 
     __slots__ = (
+        "_adaptive",
         "_fleet",
+        "_fleet_counts",
         "_gated",
         "_in_flight",
         "_probe_hold_until",
@@ -125,11 +129,14 @@ class CircuitBreaker:
         "_ramp_from",
         "_ramp_until",
         "_random",
+        "_shedder",
+        "_shedding",
         "_slow",
         "_window",
         "calls_failure",
         "calls_ignored",
         "calls_rejected",
+        "calls_shed",
         "calls_slow",
         "calls_success",
         "clock",
@@ -155,6 +162,7 @@ class CircuitBreaker:
         "policy",
         "probed_period",
         "reported",
+        "shed_last",
         "state",
         "success_count",
         "version",
@@ -215,6 +223,15 @@ class CircuitBreaker:
         self.closed_at: float | None = None
         self._ramp_from = self._ramp_until = 0.0
         self._gated = False
+        # Adaptive mode: `_shedding` while the window may hold failures, so that `acquire`
+        # (off the fast path, through `_gated`) weighs the shedding probability; it ends when
+        # the probability is 0. `shed_last`: the last rejection was a shed call.
+        self._adaptive = policy.mode == "adaptive"
+        self._shedding = False
+        self._shedder = Shedder(rng)
+        self._fleet_counts = FleetCounts(clock)
+        self.calls_shed = 0
+        self.shed_last = False
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name} {self.state.value} gen={self.generation}>"
@@ -231,6 +248,9 @@ class CircuitBreaker:
         now = self.clock()
         if self._ramp_until and self.manual is None and not self._ramp_admits(now):
             self.calls_rejected += 1
+            self.shed_last = False
+            return None
+        if self._shedding and self._sheds(now):
             return None
         manual = self.manual
         if manual is not None:
@@ -363,7 +383,65 @@ class CircuitBreaker:
 
     def _end_ramp(self) -> None:
         self._ramp_from = self._ramp_until = 0.0
-        self._gated = self.manual is not None
+        self._gated = self.manual is not None or self._shedding
+
+    # -- adaptive shedding -----------------------------------------------------------------
+
+    def _sheds(self, now: float) -> bool:
+        """Adaptive mode: whether to shed this call; shedding ends when its probability is 0.
+        Under a manual mode the probability is computed (metrics_only: a shadow run), never
+        applied."""
+        if self.state is not _CLOSED or self._update_shedding(now) <= 0.0:
+            self._stop_shedding()
+            return False
+        if self.manual is not None or not self._shedder.sheds():
+            return False
+        self.calls_shed += 1
+        self.shed_last = True
+        return True
+
+    def _start_shedding(self) -> None:
+        if self._adaptive and self.state is _CLOSED:
+            self._shedding = self._gated = True
+
+    def _stop_shedding(self) -> None:
+        self._shedding = False
+        self._shedder.probability = 0.0
+        self._gated = self.manual is not None or bool(self._ramp_until)
+
+    def _shedding_counts(self, now: float) -> tuple[int, int]:
+        """(calls, successes) shedding and health weigh: the fleet's while fresh, else ours."""
+        fleet = self._fleet_counts
+        if self.fleet_counting and fleet.fresh(self.policy.window_seconds, now):
+            return fleet.calls, fleet.successes
+        calls, failures = self._window.counts(now)
+        return calls, calls - failures
+
+    def _update_shedding(self, now: float) -> float:
+        return self._shedder.update(*self._shedding_counts(now), self.policy)
+
+    def observe_fleet(self, calls: int, failures: int) -> None:
+        """The fleet's window counts, as the store summed them (the sync calls this)."""
+        self._fleet_counts.observe(calls, calls - failures)
+        if failures > 0:
+            self._start_shedding()
+
+    def rejection_probability(self, now: float | None = None) -> float:
+        """Share of calls the adaptive mode sheds now (computed under metrics_only too; 0 in
+        classic mode, and while open, half-open, forced open or disabled)."""
+        manual = self.manual
+        if not self._adaptive or self.state is not _CLOSED:
+            return 0.0
+        if manual is not None and manual.mode != "metrics_only":
+            return 0.0
+        now = self.clock() if now is None else now
+        return rejection_probability(*self._shedding_counts(now), self.policy)
+
+    def health(self, now: float | None = None) -> float:
+        """The window's success rate over `success_rate_target`, at most 1 (1.0 below
+        min_calls): the fleet's while this instance has its fresh counts, else its own."""
+        now = self.clock() if now is None else now
+        return health(*self._shedding_counts(now), self.policy)
 
     @property
     def ramping(self) -> bool:
@@ -401,6 +479,8 @@ class CircuitBreaker:
         policy = self.policy
         if self.failure_count >= policy.failure_threshold:
             return "failure_threshold"
+        if self._adaptive:
+            return None  # the adaptive mode sheds instead of the error-rate rule
         calls, failures = self._window.counts(self.clock() if now is None else now)
         if calls >= policy.min_calls and failures >= policy.error_rate_threshold * calls:
             return "error_rate"
@@ -469,6 +549,8 @@ class CircuitBreaker:
             return
         window = self._window
         window.record(now, True)
+        if self._adaptive and not self._shedding:
+            self._start_shedding()
         if self.fleet_counting and self.manual is None:
             self._new_evidence()  # the fleet decides on every instance's counts
             # Our own counts alone decide without a round trip: with quorum 1 the fleet would
@@ -484,7 +566,8 @@ class CircuitBreaker:
         if self.failure_count >= policy.failure_threshold:
             self._transition(CircuitState.OPEN, now, cause or "failure_threshold")
         elif (
-            window.calls >= policy.min_calls
+            not self._adaptive
+            and window.calls >= policy.min_calls
             and window.failures >= policy.error_rate_threshold * window.calls
         ):
             self._transition(CircuitState.OPEN, now, cause or "error_rate")
@@ -498,6 +581,8 @@ class CircuitBreaker:
         self._probe_hold_until = 0.0
         if previous is CircuitState.HALF_OPEN:
             self.probed_period = self.opened_at
+        self._fleet_counts.forget()  # the fleet's counts of the last period
+        self._stop_shedding()
         if self._ramp_until:
             self._end_ramp()
         self.closed_at = None
@@ -550,7 +635,7 @@ class CircuitBreaker:
         """Put the breaker in a manual mode (None lifts it). Calls in flight count for nothing."""
         old = self.effective_state
         self.manual = manual
-        self._gated = manual is not None or bool(self._ramp_until)
+        self._gated = manual is not None or bool(self._ramp_until) or self._shedding
         self._forget_in_flight()
         self._notify(self.state, old, self.effective_state, cause, reason)
 
@@ -568,6 +653,8 @@ class CircuitBreaker:
         previous = self.state
         self.state = CircuitState.CLOSED
         self.manual = None
+        self._stop_shedding()
+        self._fleet_counts.forget()
         self._end_ramp()  # the operator starts over: no ramp
         self.closed_at = None
         self.local = False
@@ -589,6 +676,9 @@ class CircuitBreaker:
         self.policy = policy
         self._slow = policy.slow_call_seconds
         self.failure_codes = policy.failure_status_codes
+        self._adaptive = policy.mode == "adaptive"
+        self._stop_shedding()
+        self._start_shedding()  # adaptive: acquire weighs the window's counts (and stops at 0)
         self.set_fleet(self._fleet)  # the policy may turn fleet counting on or off
         if self.state is not CircuitState.OPEN:
             self.open_seconds = policy.timeout_seconds
@@ -657,13 +747,15 @@ class CircuitBreaker:
             now = self.clock()
             start = snapshot.opened_at if snapshot.opened_at is not None else now
             self.open_until = min(start, now) + self.open_seconds
-        self._gated = self.manual is not None or bool(self._ramp_until)
+        self._gated = self.manual is not None or bool(self._ramp_until) or self._shedding
         if changed:
             self.local = False  # the fleet's state replaces one of ours alone
             if snapshot.state is not CircuitState.CLOSED:
                 self.reported = False  # the fleet opened: its evidence starts over
                 self._end_ramp()
             self._forget_in_flight()
+            self._fleet_counts.forget()
+            self._stop_shedding()
             if snapshot.state is CircuitState.CLOSED:
                 self._window.reset()
             self.last_from, self.last_to = old, self.effective_state

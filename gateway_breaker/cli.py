@@ -227,6 +227,7 @@ def format_status(views: Sequence[dict[str, Any]]) -> str:
     rows = []
     for v in views:
         rate = v.get("failure_rate")
+        health, shed = v.get("health"), v.get("rejection_probability")
         # Only an open breaker's retry time means something to an operator.
         retry = (v.get("retry_after") or 0) if v["state"] == "open" else 0
         rows.append(
@@ -235,13 +236,16 @@ def format_status(views: Sequence[dict[str, Any]]) -> str:
                 v["state"],
                 str(v["failure_count"]),
                 "-" if rate is None else f"{rate:.0%}",
+                "-" if health is None else f"{health:.2f}",
+                f"{shed:.0%}" if shed else "-",
                 f"{retry:.1f}s" if retry else "-",
                 str(v["version"]),
                 "yes" if v.get("policy_overridden") else "-",
                 _manual_text(v.get("manual")),
             ]
         )
-    headers = ["SERVICE", "STATE", "FAILURES", "RATE", "RETRY", "VERSION", "POLICY*", "MANUAL"]
+    headers = ["SERVICE", "STATE", "FAILURES", "RATE", "HEALTH", "SHED", "RETRY", "VERSION"]
+    headers += ["POLICY*", "MANUAL"]
     return _table(headers, rows) if rows else "no breakers known"
 
 

@@ -81,7 +81,7 @@ FAMILIES = (
     Family(
         "gateway_breaker_calls",
         "counter",
-        "Calls by outcome (success, failure, slow, rejected, ignored) since start",
+        "Calls by outcome (success, failure, slow, rejected, shed, ignored) since start",
         ("service", "outcome"),
         unit="{call}",
     ),
@@ -115,6 +115,23 @@ FAMILIES = (
         ("service",),
         workers="livesum",
         unit="{call}",
+    ),
+    Family(
+        "gateway_breaker_health",
+        "gauge",
+        "Success rate of the rolling window (the fleet's with Redis) over success_rate_target,"
+        " at most 1; 1 until min_calls calls are in it",
+        ("service",),
+        workers="livemin",
+        unit="1",
+    ),
+    Family(
+        "gateway_breaker_rejection_probability",
+        "gauge",
+        "Share of calls the adaptive mode sheds now (computed, not applied, under metrics_only;"
+        " 0 in classic mode)",
+        ("service",),
+        unit="1",
     ),
     Family(
         "gateway_breaker_consecutive_failures",
@@ -351,6 +368,8 @@ _PER_SERVICE: dict[str, Callable[[BreakerView], float]] = {
     ),
     "gateway_breaker_window_calls": lambda v: float(v.window_calls),
     "gateway_breaker_window_failures": lambda v: float(v.window_failures),
+    "gateway_breaker_health": lambda v: float(v.health),
+    "gateway_breaker_rejection_probability": lambda v: float(v.rejection_probability),
     "gateway_breaker_consecutive_failures": lambda v: float(v.failure_count),
     "gateway_breaker_retry_after_seconds": lambda v: float(v.retry_after),
     "gateway_breaker_policy_overridden": lambda v: 1.0 if v.policy_overridden else 0.0,

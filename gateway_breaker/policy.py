@@ -101,6 +101,18 @@ class Policy(BaseModel):
     """After a close, the share of calls let through rises linearly from 0 to 100% over this
     time (on Redis's clock with Redis); the others get 503. None lets every call through."""
 
+    mode: Literal["classic", "adaptive"] = "classic"
+    """`classic`: all or nothing (the failure rules open the breaker). `adaptive`: while closed,
+    each call is shed with the probability the window's success rate gives (Envoy's
+    admission-control formula on the fleet's counts); only the consecutive-failure rule opens."""
+    success_rate_target: float = Field(0.95, gt=0, le=1)
+    """Adaptive mode: the success rate below which calls are shed; health is the window's
+    success rate over it."""
+    aggression: float = Field(1.0, ge=1, le=100)
+    """Adaptive mode: how steeply the shed share rises as the success rate falls (1: linear)."""
+    max_rejection: float = Field(0.8, ge=0, le=1)
+    """Adaptive mode: the largest share of calls ever shed."""
+
     @field_validator("failure_status_codes", mode="before")
     @classmethod
     def _parse_status_codes(cls, value: Any) -> frozenset[int]:

@@ -54,12 +54,13 @@ class Rejections:
             return headers, body
         state = breaker.effective_state
         if state == "closed":
-            state = "recovering"  # closed, and the recovery ramp did not admit this request
+            # Closed: the adaptive mode shed this request, or the recovery ramp held it back.
+            state = "shedding" if breaker.shed_last else "recovering"
         return self.answer(breaker.name, state, breaker.retry_after_header())
 
     def answer(self, service: str, state: str, retry_after: int) -> tuple[Headers, bytes]:
         """The headers and body of the 503 for `service` in `state` (already the reported one:
-        "open", "half_open", "forced_open", "recovering", ...), `retry_after` whole seconds."""
+        "open", "half_open", "forced_open", "recovering", "shedding", ...), `retry_after` whole seconds."""
         key = (service, state, retry_after)
         made = self._made.get(key)
         if made is None:

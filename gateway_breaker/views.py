@@ -43,6 +43,10 @@ class BreakerView:
     policy: Policy
     policy_overridden: bool = False
     local: bool = False
+    health: float = 1.0
+    """The window's success rate over `success_rate_target`, at most 1 (1.0 below min_calls)."""
+    rejection_probability: float = 0.0
+    """Share of calls the adaptive mode sheds now (computed, not applied, under metrics_only)."""
 
     @classmethod
     def of(cls, breaker: CircuitBreaker, *, policy_overridden: bool = False) -> BreakerView:
@@ -63,6 +67,7 @@ class BreakerView:
                 "failure": breaker.calls_failure,
                 "slow": breaker.calls_slow,
                 "rejected": breaker.calls_rejected,
+                "shed": breaker.calls_shed,
                 "ignored": breaker.calls_ignored,
             },
             last_failure_time=breaker.last_failure_time,
@@ -73,6 +78,8 @@ class BreakerView:
             policy=breaker.policy,
             policy_overridden=policy_overridden,
             local=breaker.local,
+            health=round(breaker.health(now), 4),
+            rejection_probability=round(breaker.rejection_probability(now), 4),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +100,8 @@ class BreakerView:
             "policy": policy_json(self.policy),
             "policy_overridden": self.policy_overridden,
             "local": self.local,
+            "health": self.health,
+            "rejection_probability": self.rejection_probability,
         }
 
 

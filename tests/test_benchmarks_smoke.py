@@ -36,6 +36,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("hostile.py", {"settings", "planted", "flood"}),
         ("outbound_overhead.py", {"settings", "machine", "local_upstream", "wrapper_alone"}),
         ("scale_fleet.py", {"settings", "results"}),
+        ("brownout.py", {"settings", "runs"}),
     ],
 )
 def test_benchmark_smoke(script: str, keys: set[str], tmp_path: Path) -> None:

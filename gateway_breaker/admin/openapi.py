@@ -127,6 +127,8 @@ def _schemas() -> dict[str, Any]:
                 "policy",
                 "policy_overridden",
                 "local",
+                "health",
+                "rejection_probability",
             ],
             "properties": {
                 "service": {"type": "string"},
@@ -142,7 +144,7 @@ def _schemas() -> dict[str, Any]:
                 },
                 "calls": {
                     "type": "object",
-                    "required": ["success", "failure", "slow", "rejected", "ignored"],
+                    "required": ["success", "failure", "slow", "rejected", "shed", "ignored"],
                     "additionalProperties": _COUNT,
                 },
                 "last_failure_time": _TIME,
@@ -153,6 +155,20 @@ def _schemas() -> dict[str, Any]:
                 "policy": {"type": "object"},
                 "policy_overridden": {"type": "boolean"},
                 "local": {"type": "boolean"},
+                "health": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 1,
+                    "description": "The window's success rate (the fleet's with Redis) over"
+                    " success_rate_target, at most 1; 1 until min_calls calls are in it.",
+                },
+                "rejection_probability": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 1,
+                    "description": "Share of calls the adaptive mode sheds now (computed, not"
+                    " applied, under metrics_only; 0 in classic mode).",
+                },
             },
         },
         "BreakerList": {

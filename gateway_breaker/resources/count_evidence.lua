@@ -4,7 +4,8 @@
 -- KEYS[3]  history stream (capped at ARGV[15] entries, approximately)
 -- KEYS[4]  evidence hash: field = instance id, value = "run,calls,failures,ts_ms" (Redis clock);
 --          field "_v" = version of the closed state the evidence belongs to: any transition
---          (written by this script or by write_state.lua) starts the evidence over
+--          (written by this script or by write_state.lua) starts the evidence over;
+--          field "_n" = set while some instance's counts hold failures (the fleet was told)
 -- ARGV[1]  instance id (the evidence field, and the history entry's instance)
 -- ARGV[2]  its run of consecutive failures since its last success
 -- ARGV[3]  calls in its rolling window
@@ -22,6 +23,9 @@
 -- ARGV[15] history stream length
 -- ARGV[16] optional SHA1 of a stored state the caller's codec rejected: that value counts as
 --          absent and is overwritten when the fleet opens (write_state.lua's rule, ARGV[8])
+-- While some instance's counts hold failures, every instance that has calls sends them too
+-- (healthy ones hear of it from the notice published when the first failures arrive), so the
+-- fleet's window holds every live instance's calls and successes.
 -- Returns {code, text, fleet run, fleet calls, fleet failures, failing instances}:
 --   1, stored JSON: the fleet opened now (written as write_state.lua writes a transition)
 --   0, current JSON: the stored state is newer or not closed; the counts were not recorded
@@ -67,7 +71,7 @@ end
 if seen ~= period then
   redis.call('DEL', KEYS[4])  -- counts of an earlier closed period: they decided already
 end
-if run > 0 or failures > 0 then
+if run > 0 or failures > 0 or calls > 0 then
   redis.call('HSET', KEYS[4], me, string.format('%d,%d,%d,%d', run, calls, failures, now),
     '_v', period)
   redis.call('PEXPIRE', KEYS[4], window)
@@ -84,8 +88,8 @@ for i = 1, #entries, 2 do
   if r ~= nil and (#r > 12 or #c > 12 or #f > 12 or #ts > 13) then
     r = nil
   end
-  if entries[i] == '_v' then
-    r = nil  -- the period's version, not a contribution
+  if entries[i] == '_v' or entries[i] == '_n' then
+    r = nil  -- the period's version, or the notice flag: not a contribution
   elseif r == nil or now - tonumber(ts) > window or tonumber(ts) > now + 1000 then
     redis.call('HDEL', KEYS[4], entries[i])  -- stale (its instance died), future or not ours
   else
@@ -97,6 +101,18 @@ for i = 1, #entries, 2 do
       failing = failing + 1
     end
   end
+end
+
+-- The first failures of a period: tell every instance, so that those without failures send
+-- their calls too (a hint on the announcement channel, like a policy notice).
+if failing > 0 then
+  if not redis.call('HGET', KEYS[4], '_n') then
+    redis.call('HSET', KEYS[4], '_n', '1')
+    redis.call('PUBLISH', ARGV[12],
+      '{"kind":"evidence","origin":"' .. ARGV[14] .. '","service":"' .. ARGV[13] .. '"}')
+  end
+else
+  redis.call('HDEL', KEYS[4], '_n')  -- nothing fails any more: the next failures tell again
 end
 
 local threshold, min_calls = tonumber(ARGV[6]), tonumber(ARGV[7])

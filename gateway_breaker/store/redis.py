@@ -750,7 +750,8 @@ class RedisStateStore:
             self._drop("malformed", f"not JSON: {type(exc).__name__}")
             return None
         # A live policy change carries no state: a hint to re-read the service's policy key.
-        policy = isinstance(doc, dict) and doc.get("kind") == "policy"
+        # So does the fleet's first failures (`evidence`): a hint to send this instance's counts.
+        policy = isinstance(doc, dict) and doc.get("kind") in ("policy", "evidence")
         if not isinstance(doc, dict) or not (policy or isinstance(doc.get("state"), dict)):
             self._drop("malformed", "not an announcement object")
             return None

@@ -33,6 +33,10 @@ from gateway_breaker.views import TransitionEvent
 class Changes(Writes):
     """Other instances' changes to this instance: announcements, re-reads, policies."""
 
+    def fleet_notice(self, service: str) -> None:
+        """Some instance's counts hold failures, or the policy changed: the fleet's window
+        needs this instance's calls too (the evidence sync sends them)."""
+
     def track(self, service: str) -> None:
         self._to_load.add(service)
         self._wake.set()
@@ -96,6 +100,7 @@ class Changes(Writes):
                         if self._manager.find(event[0]) is not None:
                             self._policies_to_load.add(event[0])  # a live policy change
                             self._wake.set()
+                            self.fleet_notice(event[0])  # or the fleet's first failures
                     else:
                         self._apply(event[0], event[1])
             except StoreError as exc:

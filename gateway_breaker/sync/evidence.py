@@ -36,6 +36,11 @@ class FleetEvidence(Changes, Registry):
         if self._evidence_timer is None:
             self._schedule_evidence()
 
+    def fleet_notice(self, service: str) -> None:
+        breaker = self._manager.find(service)
+        if breaker is not None and breaker.fleet_counting and breaker.window_counts()[0] > 0:
+            self.mark_evidence(service)  # our calls and successes belong in the fleet's window
+
     def _near_threshold(self, service: str) -> bool:
         """Whether the fleet's run may have reached half the threshold since our last report:
         the fleet's run then, plus our new failures as many times as instances fail."""
@@ -118,7 +123,10 @@ class FleetEvidence(Changes, Registry):
                 window_seconds=policy.window_seconds,
                 failure_threshold=policy.failure_threshold,
                 min_calls=policy.min_calls,
-                error_rate_threshold=policy.error_rate_threshold,
+                # The adaptive mode sheds instead: a threshold above 1 never holds.
+                error_rate_threshold=(
+                    policy.error_rate_threshold if policy.mode == "classic" else 2.0
+                ),
                 quorum=self.quorum(breaker),
             )
             try:
@@ -138,7 +146,10 @@ class FleetEvidence(Changes, Registry):
             if result.stored is not None:
                 self._apply(name, result.stored)
             return
-        breaker.reported = evidence.run > 0 or evidence.failures > 0
+        # While any instance's counts hold failures, ours (successes too) go on being sent:
+        # the fleet's window then holds every live instance's calls.
+        breaker.reported = evidence.run > 0 or evidence.failures > 0 or result.failing_instances > 0
+        breaker.observe_fleet(result.fleet_calls, result.fleet_failures)
         self._sent[name] = (
             breaker.generation,
             evidence.run,

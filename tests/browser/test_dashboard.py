@@ -379,3 +379,29 @@ def test_a_thousand_services_stay_usable(
     # Generous on purpose (machines under load are slow); a freeze is many seconds.
     assert longest < 5000, f"the page froze for {longest:.0f} ms"
     page_errors.assert_none()
+
+
+def test_a_brownout_shows_health_and_the_share_shed(
+    fleet: Fleet, page: Page, page_errors: PageErrors
+) -> None:
+    sign_in(page, fleet.dashboard(fleet.a))
+    health = card(page, "discovery").locator(".f-health")
+    expect(health).to_have_text("1.00")
+    policy = {"mode": "adaptive", "min_calls": 20, "failure_threshold": 1000, "window_seconds": 30}
+    fleet.api(fleet.a, "PATCH", "/breakers/discovery/policy", json=policy)
+    wait_until_sync(  # a live policy change switches the mode fleet-wide
+        lambda: fleet.api(fleet.b, "GET", "/breakers/discovery")["policy"]["mode"] == "adaptive",
+        CONVERGE,
+        0.05,
+        "b to run discovery in mode adaptive",
+    )
+    for _ in range(60):  # half of what each gateway lets through fails
+        for gateway in (fleet.a, fleet.b):
+            assert gateway.get("/discovery/flaky?rate=0.5").status_code in (200, 500, 503)
+    expect(health).to_contain_text("shedding", timeout=CONVERGE * 1000)
+    expect(health).to_have_attribute("data-low", "true")
+    view = fleet.api(fleet.a, "GET", "/breakers/discovery")
+    assert view["health"] < 0.8
+    assert view["rejection_probability"] > 0.2
+    assert view["state"] == "closed"
+    page_errors.assert_none()

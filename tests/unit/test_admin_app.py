@@ -44,6 +44,8 @@ VIEW_KEYS = {
     "policy",
     "policy_overridden",
     "local",
+    "health",
+    "rejection_probability",
 }
 
 
@@ -164,7 +166,14 @@ async def test_list_and_one_breaker(
         assert set(breaker) == VIEW_KEYS
         assert breaker["state"] == "closed"
         assert breaker["manual"] is None
-        assert set(breaker["calls"]) == {"success", "failure", "slow", "rejected", "ignored"}
+        assert set(breaker["calls"]) == {
+            "success",
+            "failure",
+            "slow",
+            "rejected",
+            "shed",
+            "ignored",
+        }
 
     one = (await client.get(f"{PATH}/breakers/sona", headers=AUTH)).json()
     assert one["service"] == "sona"

@@ -108,6 +108,15 @@ def test_status_table() -> None:
     assert cli.format_status([]) == "no breakers known"
 
 
+def test_status_shows_health_and_the_share_shed() -> None:
+    view = {**VIEW, "state": "closed", "health": 0.6316, "rejection_probability": 0.3676}
+    header, row = cli.format_status([view]).splitlines()
+    assert header.split()[3:6] == ["RATE", "HEALTH", "SHED"]
+    assert row.split()[3:6] == ["25%", "0.63", "37%"]
+    quiet = {**view, "health": 1.0, "rejection_probability": 0.0}
+    assert cli.format_status([quiet]).splitlines()[1].split()[3:6] == ["25%", "1.00", "-"]
+
+
 def test_history_table_and_event_line() -> None:
     text = cli.format_history([EVENT])
     assert text.splitlines()[1].split()[2:6] == ["closed", "forced_open", "manual", "manual"]

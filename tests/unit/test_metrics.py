@@ -58,6 +58,8 @@ METRIC_NAMES = {
     "gateway_breaker_failure_rate",
     "gateway_breaker_window_calls",
     "gateway_breaker_window_failures",
+    "gateway_breaker_health",
+    "gateway_breaker_rejection_probability",
     "gateway_breaker_consecutive_failures",
     "gateway_breaker_retry_after_seconds",
     "gateway_breaker_policy_overridden",
@@ -91,7 +93,7 @@ def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProc
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -118,6 +120,7 @@ def test_alerts_cover_what_operators_asked_for() -> None:
         "CircuitBreakerFlapping",
         "CircuitBreakerStoreDown",
         "CircuitBreakerInstancesDisagree",
+        "CircuitBreakerUnhealthy",
     } <= set(rules)
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
@@ -180,7 +183,11 @@ def test_dashboard_has_the_expected_panels() -> None:
         "Store errors",
         "Propagation delay (p50, p99)",
         "Instances",
+        "Health and shedding",
     }
+    health = queries["Health and shedding"]
+    assert any("gateway_breaker_health" in q for q in health)
+    assert any('outcome="shed"' in q for q in health)
     # Per instance and fleet-wide: the rejections and failure rate panels show both.
     assert any("instance" in q for q in queries["Rejections (breaker 503s)"])
     assert any("by (service)" in q for q in queries["Rejections (breaker 503s)"])
@@ -293,7 +300,7 @@ async def test_calls_by_outcome_and_the_opening_transition(
         o: value(samples, "gateway_breaker_calls_total", service="discovery", outcome=o)
         for o in OUTCOMES
     }
-    assert calls == {"success": 5, "failure": 3, "slow": 0, "rejected": 2, "ignored": 0}
+    assert calls == {"success": 5, "failure": 3, "slow": 0, "rejected": 2, "shed": 0, "ignored": 0}
     opened = value(
         samples, "gateway_breaker_transitions_total",
         service="discovery", origin="local", **{"from": "closed", "to": "open"},

@@ -65,7 +65,14 @@ async def test_calls_are_counted_by_outcome(manager: CircuitBreakerManager) -> N
     assert await rejected(manager)
     assert await rejected(manager)
     view = manager.view(SERVICE)
-    assert dict(view.calls) == {"success": 5, "failure": 3, "slow": 0, "rejected": 2, "ignored": 0}
+    assert dict(view.calls) == {
+        "success": 5,
+        "failure": 3,
+        "slow": 0,
+        "rejected": 2,
+        "shed": 0,
+        "ignored": 0,
+    }
     assert view.state == "open"
     assert view.failure_rate == pytest.approx(3 / 8)
     assert (view.window_calls, view.window_failures) == (8, 3)

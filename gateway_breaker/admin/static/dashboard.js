@@ -227,6 +227,7 @@ class Row {
     this.tagLocal = el.querySelector(".tag-local");
     this.tagPolicy = el.querySelector(".tag-policy");
     this.rate = el.querySelector(".f-rate");
+    this.health = el.querySelector(".f-health");
     this.counts = el.querySelector(".f-counts");
     this.since = el.querySelector(".f-since");
     this.retry = el.querySelector(".f-retry");
@@ -317,6 +318,11 @@ class Row {
         ? `— (${win.calls ?? 0} of ${v.policy?.min_calls ?? "min"} calls)`
         : `${rate} of ${win.calls ?? 0} calls`,
     );
+    // Health: the window's success rate over the target (1 = healthy); and what is shed now.
+    const health = typeof v.health === "number" ? v.health.toFixed(2) : "—";
+    const shed = percent(v.rejection_probability);
+    setText(this.health, v.rejection_probability > 0 ? `${health}, shedding ${shed}` : health);
+    this.health.dataset.low = String(typeof v.health === "number" && v.health < 0.8);
     setText(this.counts, `${v.failure_count ?? 0} / ${v.success_count ?? 0}`);
     setText(this.policy, describePolicy(v.policy));
 
