@@ -60,7 +60,8 @@ class Rejections:
 
     def answer(self, service: str, state: str, retry_after: int) -> tuple[Headers, bytes]:
         """The headers and body of the 503 for `service` in `state` (already the reported one:
-        "open", "half_open", "forced_open", "recovering", "shedding", ...), `retry_after` whole seconds."""
+        "open", "half_open", "forced_open", "recovering", "shedding", ...), `retry_after` whole
+        seconds."""
         key = (service, state, retry_after)
         made = self._made.get(key)
         if made is None:
