@@ -61,9 +61,10 @@ test-latest: .venv-latest/.installed
 	$(MAKE) test VENV=.venv-latest
 
 # Runtime dependencies at their lowest allowed versions. Lint is skipped: type stubs and
-# hints differ between releases; the behaviour is what is checked.
+# hints differ between releases; the behaviour is what is checked. Redis Cluster needs
+# redis-py 8.0 (its asyncio cluster pub/sub), so the Cluster's tests are left out here.
 test-lowest: .venv-lowest/.installed
-	$(MAKE) pytest VENV=.venv-lowest
+	$(MAKE) pytest VENV=.venv-lowest PYTEST_ARGS="-k 'not cluster' $(PYTEST_ARGS)"
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lowest $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis

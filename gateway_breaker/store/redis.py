@@ -21,6 +21,7 @@ from importlib.resources import files
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import redis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -900,6 +901,12 @@ class RedisTopology:
             raise ConfigError("redis.url: redis+sentinel:// needs the master's service name")
         if kind == "cluster" and path:
             raise ConfigError("redis.url: redis+cluster:// takes no path (a cluster has db 0)")
+        if kind == "cluster" and not hasattr(RedisCluster, "pubsub"):
+            # The announcements' subscription needs the asyncio cluster's pub/sub (redis-py 8).
+            raise ConfigError(
+                f"redis.url: redis+cluster:// needs redis-py 8.0 or newer"
+                f" (installed: {redis.__version__})"
+            )
         if len(path) > 1 and not path[1].isdigit():
             raise ConfigError("redis.url: the database after the service name is a number")
         return cls(

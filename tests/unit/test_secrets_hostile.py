@@ -120,3 +120,13 @@ def test_a_token_no_client_can_send_is_refused(token: str) -> None:
         Config(admin={"token": token})
     assert "admin.token" in str(info.value)
     assert token not in str(info.value)
+
+
+def test_a_cluster_url_with_a_redis_py_lacking_cluster_pub_sub_names_the_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redis.asyncio.cluster import RedisCluster
+
+    monkeypatch.delattr(RedisCluster, "pubsub")
+    with pytest.raises(ConfigError, match=r"redis\+cluster:// needs redis-py 8\.0 or newer"):
+        RedisTopology.parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001")
