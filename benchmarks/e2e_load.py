@@ -98,7 +98,7 @@ from _common import (
     summary,
     write_json,
 )
-from paced_load import Paced, run_paced
+from paced_load import Paced, read_response, run_paced
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = ("disabled", "memory", "redis")
@@ -396,24 +396,10 @@ async def _python_load(host: str, port: int, connections: int, seconds: float) -
         try:
             while (begin := time.perf_counter()) < deadline:
                 writer.write(payload)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length, chunked = 0, False
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    name = name.strip().lower()
-                    if name == b"content-length":
-                        length = int(value)
-                    elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                        chunked = True
-                if chunked:
-                    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                        await reader.readexactly(size + 2)
-                    await reader.readuntil(b"\r\n")
-                elif length:
-                    await reader.readexactly(length)
+                status = await read_response(reader)
                 finished = time.perf_counter()
                 latencies.append(finished - begin)
-                statuses[int(head[9:12])] += 1
+                statuses[status] += 1
         except (OSError, asyncio.IncompleteReadError, ValueError):
             errors += 1
         finally:

@@ -35,7 +35,8 @@ class Paced:
     errors: int  # failed or unanswered
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (Content-Length or chunked) off `reader`; its status."""
     head = await reader.readuntil(b"\r\n\r\n")
     length, chunked = 0, False
     for line in head.split(b"\r\n")[1:]:
@@ -72,7 +73,7 @@ async def paced_load(
         reader, writer = await idle.get()
         try:
             writer.write(request)
-            status = await _read_response(reader)
+            status = await read_response(reader)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             return  # counted as unanswered; the connection is not put back
         latencies.append(time.perf_counter() - scheduled)

@@ -80,14 +80,7 @@ def _text(value: Any, limit: int) -> str:
 
 def instance_view(raw: bytes | str, shift: float) -> InstanceView:
     """One instance entry (`{prefix}:instance:{id}`); raises ValueError saying what is wrong."""
-    if len(raw) > MAX_INSTANCE_BYTES:
-        raise ValueError(f"{len(raw)} bytes, more than {MAX_INSTANCE_BYTES}")
-    try:
-        doc = json.loads(raw, parse_constant=_no_constant)
-    except (UnicodeDecodeError, RecursionError) as exc:
-        raise ValueError(f"not JSON: {type(exc).__name__}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
+    doc = _json_object(raw, MAX_INSTANCE_BYTES)
     entries = doc.get("breakers", {})
     if not isinstance(entries, dict) or len(entries) > MAX_INSTANCE_BREAKERS:
         raise ValueError("breakers must be an object")
@@ -162,8 +155,13 @@ def encode_policy(fields: dict[str, object]) -> str:
 def decode_policy(raw: bytes | str) -> dict[str, object]:
     """A stored policy override; ValueError for an unusable one (the policy model checks the
     fields themselves when it is applied)."""
-    if len(raw) > MAX_POLICY_BYTES:
-        raise ValueError(f"{len(raw)} bytes, more than {MAX_POLICY_BYTES}")
+    return _json_object(raw, MAX_POLICY_BYTES)
+
+
+def _json_object(raw: bytes | str, limit: int) -> dict[str, Any]:
+    """`raw` as a JSON object of at most `limit` bytes; ValueError saying what is wrong."""
+    if len(raw) > limit:
+        raise ValueError(f"{len(raw)} bytes, more than {limit}")
     try:
         doc = json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, RecursionError) as exc:
