@@ -54,6 +54,13 @@ async def test_a_healthy_instance_sends_its_calls_and_sheds_on_the_fleets_counts
     fleet: Any, redis_shared: RedisServer, key_prefix: str
 ) -> None:
     sick, healthy = await fleet(2)
+    # The notice of the first failures is a pub/sub hint: both must be listening for it.
+    channel = f"{key_prefix}:events"
+    await wait_until(
+        lambda: redis_shared.client().pubsub_numsub(channel)[0][1] == 2,
+        timeout=10,
+        message="both instances subscribed",
+    )
     # `healthy` has calls and no failure of its own: today's fleet counting sends nothing.
     for _ in range(40):
         await call(healthy, failed=False)
@@ -66,7 +73,11 @@ async def test_a_healthy_instance_sends_its_calls_and_sheds_on_the_fleets_counts
             await asyncio.sleep(0.06)  # let the flushes run
 
     # The notice brought `healthy`'s calls into the fleet's window; both weigh the same counts.
-    await wait_until(lambda: redis_shared.client().hexists(evidence, healthy.instance_id))
+    await wait_until(
+        lambda: redis_shared.client().hexists(evidence, healthy.instance_id),
+        timeout=10,
+        message="healthy's calls in the fleet's window",
+    )
     await wait_until(
         lambda: (
             abs(
