@@ -90,6 +90,10 @@ class Changes(Writes):
                         self._resubscribed = subscribed  # cut off: Redis may have lost keys
                         if subscribed:
                             self._recovering()
+                            # A notice of the fleet's first failures may have been lost too:
+                            # services with calls send their counts once (O(active S), once).
+                            for name in list(self._manager.breakers()):
+                                self.fleet_notice(name)
                         subscribed = True
                         self._to_load.update(self._manager.breakers())
                         self._policies_to_load.update(self._manager.breakers())
