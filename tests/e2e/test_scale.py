@@ -64,6 +64,17 @@ def measure_rest(gateways: list[Gateway], clients: list[Any]) -> tuple[float, li
     return rate, shares
 
 
+def wait_at_rest(gateways: list[Gateway], clients: list[Any], timeout: float = 60) -> None:
+    """Until a one-second sample shows the startup reads and first registrations are over."""
+
+    def quiet() -> bool:
+        before = commands(clients)
+        time.sleep(1)  # one sample of the rate: a measurement, not a wait for a condition
+        return commands(clients) - before <= COMMANDS_PER_SECOND * len(gateways)
+
+    wait_until_sync(quiet, timeout, 0, "the gateways' startup work to end")
+
+
 def rejects(gateway: Gateway, service: str) -> bool:
     response = gateway.get(f"/{service}/status/200")
     assert response.status_code in (200, 503), response.text
@@ -80,7 +91,7 @@ def test_two_idle_gateways_with_10000_services_cost_o1_and_agree(
         # Reading and validating a 10,000-service config takes a while on a busy machine.
         wait_until_sync(gateway._ready, 120, 0.1, f"{gateway.name} to answer /healthz")
         settled(gateway, "svc1")
-    time.sleep(3)  # the startup reads and the first registrations finish
+    wait_at_rest([a, b], [redis_server.client()])
     rate, shares = measure_rest([a, b], [redis_server.client()])
     print(f"at rest: {rate:.1f} commands/s per gateway, CPU {shares}")
     assert rate <= COMMANDS_PER_SECOND, f"{rate:.1f} commands/s per idle gateway"
@@ -105,8 +116,8 @@ def test_an_idle_gateway_with_2000_services_on_a_cluster_costs_o1(
     )
     wait_until_sync(gateway._ready, 120, 0.1, f"{gateway.name} to answer /healthz")
     settled(gateway, "svc1")
-    time.sleep(3)
     clients = [redis.Redis(port=node.port) for node in redis_cluster.nodes]
+    wait_at_rest([gateway], clients)
     rate, shares = measure_rest([gateway], clients)
     print(f"at rest on a Cluster: {rate:.1f} commands/s, CPU {shares}")
     assert rate <= COMMANDS_PER_SECOND, f"{rate:.1f} commands/s for an idle gateway"
