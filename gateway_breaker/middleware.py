@@ -96,16 +96,16 @@ class CircuitBreakerMiddleware:
             if scope["type"] == "lifespan" and self.enabled:
                 await self._lifespan(scope, receive, send)
                 return
-            if self._reserved and scope["type"] == "http" and _reserved(scope, self._reserved):
+            if (
+                self._reserved
+                and scope["type"] == "http"
+                and _under(_below_root(scope), self._reserved)
+            ):
                 await _not_here(send)
                 return
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        root = scope.get("root_path")
-        if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
-            # Mounted (or served with --root-path): the prefixes are below the app's root.
-            path = path[len(root) :] or "/"
+        path = _below_root(scope)
         admin = self._admin_path
         # Segment boundary: /_breakers and /_breakers/..., not /_breakersx.
         if (
@@ -123,7 +123,7 @@ class CircuitBreakerMiddleware:
             self._reserved
             and self._admin is None
             and path.startswith(self._reserved)
-            and _reserved(scope, self._reserved)
+            and _under(path, self._reserved)
         ):
             await _not_here(send)
             return
@@ -253,12 +253,21 @@ def _at(scope: Scope, path: str) -> bool:
     )
 
 
-def _reserved(scope: Scope, paths: tuple[str, ...]) -> bool:
+def _below_root(scope: Scope) -> str:
+    """The request's path below the app's root path: mounted (or served with --root-path),
+    the prefixes are below that root."""
     path: str = scope["path"]
     root = scope.get("root_path")
-    if root and path.startswith(root):
-        path = path[len(root) :] or "/"
-    return any(path.startswith(p) and path[len(p) : len(p) + 1] in ("", "/") for p in paths)
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :] or "/"
+    return path
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `path` is one of `prefixes` or below it (segment boundary)."""
+    return any(
+        p and path.startswith(p) and path[len(p) : len(p) + 1] in ("", "/") for p in prefixes
+    )
 
 
 async def _not_here(send: Send) -> None:
