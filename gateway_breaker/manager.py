@@ -412,6 +412,8 @@ class CircuitBreakerManager:
         event = self._emit(
             breaker, breaker.last_from, breaker.last_to, cause, breaker.last_reason, origin
         )
+        if self._sync is not None:
+            self._sync.view_changed()
         if breaker.local:
             # Opened (or probing, or closed again) for this instance only: never the fleet's.
             if breaker.last_from == "closed":

@@ -91,10 +91,33 @@ class SyncBase:
         self._urgent_next = 0.0
         # The view of the breakers in this instance's registered record (None: not written).
         self._registered: dict[str, tuple[str, int]] | None = None
+        # Whether any breaker's state, manual mode or version may have changed since the view
+        # was last taken: at rest nothing walks the S breakers (the record and the timed manual
+        # modes are looked at again only after a change).
+        self._view_changed = True
+        self._timed: list[str] = []  # services in a manual mode that ends by itself
         self._resubscribed = False  # the next re-read follows a lost subscription
         self._sweep_names: list[str] | None = None  # this lap of the round-robin re-read
         self._sweep_at = 0
         self._recovering_until = 0.0  # monotonic: re-read everything every interval until then
+
+    def view_changed(self) -> None:
+        """A breaker's state, manual mode or version changed, or a breaker was created."""
+        self._view_changed = True
+
+    def _expire_manual(self) -> None:
+        """End the timed manual modes whose time is up, even with no traffic: O(timed modes),
+        and O(S) once after a change to find them."""
+        if self._view_changed:
+            self._timed = [
+                name
+                for name, breaker in self._manager.breakers().items()
+                if breaker.manual is not None and breaker.manual.until is not None
+            ]
+        for name in self._timed:
+            breaker = self._manager.find(name)
+            if breaker is not None:
+                breaker.expire_manual()
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -38,6 +38,7 @@ class Changes(Writes):
         needs this instance's calls too (the evidence sync sends them)."""
 
     def track(self, service: str) -> None:
+        self.view_changed()  # a new breaker
         self._to_load.add(service)
         self._wake.set()
 
@@ -118,13 +119,14 @@ class Changes(Writes):
     def _invalidated(self, event: Invalidated) -> None:
         """Redis reports keys we read changed (written past the announcements, deleted,
         expired): read just those again, which tracks them again."""
-        breakers = self._manager.breakers()
         if event.everything:
+            breakers = self._manager.breakers()
             self._to_load.update(breakers)
             self._policies_to_load.update(breakers)
         else:
-            self._to_load.update(s for s in event.states if s in breakers)
-            self._policies_to_load.update(s for s in event.policies if s in breakers)
+            find = self._manager.find
+            self._to_load.update(s for s in event.states if find(s) is not None)
+            self._policies_to_load.update(s for s in event.policies if find(s) is not None)
         self._wake.set()
 
     def _sweep(self) -> list[str]:
@@ -154,6 +156,7 @@ class Changes(Writes):
             return  # not ours to care about, or older than what we know
         if self._unsent(service) and _knows_more(breaker, snapshot):
             breaker.version = snapshot.version
+            self.view_changed()
             self.mark_dirty(service)  # our change goes on top of it
             return
         self._dirty.discard(service)  # a newer fleet state supersedes our unsent change
@@ -161,13 +164,15 @@ class Changes(Writes):
         self._adopt(breaker, snapshot)
 
     async def _reconcile(self, services: Iterable[str], *, after_outage: bool = False) -> None:
-        breakers = self._manager.breakers()
-        names = [s for s in services if s in breakers]
+        find = self._manager.find
+        names = [s for s in services if find(s) is not None]
         stored = await self.store.load(names)
         for name in names:
             if name in self._dirty:
                 continue  # our write decides, by compare-and-set
-            breaker = breakers[name]
+            breaker = find(name)
+            if breaker is None:
+                continue
             snapshot = stored.get(name)
             if snapshot is None:
                 if breaker.state is CircuitState.CLOSED or breaker.local:

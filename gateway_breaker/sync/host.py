@@ -1,8 +1,8 @@
 """Host: the narrow interface through which the sync reaches the manager it serves.
 
 The manager satisfies it; the sync never imports the manager class. Cost: every method is O(1)
-except `breakers`/`services` (a view of what exists, O(S), taken a few times an interval at
-most) and `instance_view` (O(S), once an interval for the registry).
+except `breakers`/`services` (a view of what exists, O(S): at start, after a fault, and after a
+change) and `instance_view` (O(S), at most once an interval and only after a change).
 """
 
 from __future__ import annotations

@@ -39,10 +39,21 @@ class Registry(SyncBase):
         """The record when this instance's view changed (or the record is gone), else only
         the heartbeat: at most one O(S) write an interval however many transitions it saw."""
         ttl = max(5.0, 3 * self._interval)
-        view = self._manager.instance_view()
-        if view.breakers != self._registered or not await self.store.heartbeat(view.id, ttl):
+        changed, self._view_changed = self._view_changed, False
+        view = self._manager.instance_view() if changed else None
+        if (view is None or view.breakers == self._registered) and await self.store.heartbeat(
+            self._instance, ttl
+        ):
+            await self._count_live()
+            return
+        # The view changed, or the record is gone (expired, or Redis restarted).
+        view = view or self._manager.instance_view()
+        try:
             await self.store.register(view, ttl=ttl)
-            self._registered = dict(view.breakers)
+        except StoreError:
+            self._view_changed = True  # written at the next heartbeat after the outage
+            raise
+        self._registered = dict(view.breakers)
         await self._count_live()
 
     async def _count_live(self) -> None:

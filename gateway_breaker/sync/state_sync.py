@@ -130,13 +130,14 @@ class StateSync(FleetEvidence, Leases):
                     await self._load_policies(names)
                 if time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + self._interval
-                    for breaker in self._manager.breakers().values():
-                        breaker.expire_manual()  # a timed mode ends even with no traffic
+                    self._expire_manual()
                     batch = self._sweep()
                     await self._reconcile(batch)
                     await self._load_policies(batch)
                     if self._register:
                         await self._register_instance()
+                    else:
+                        self._view_changed = False
             except StoreError as exc:
                 self._lost(exc)
 

@@ -251,3 +251,39 @@ def test_restoring_10000_states_on_a_cluster_takes_under_a_second(
     print(f"restored {SERVICES} states on a Cluster in {took:.3f}s")
     # The bound is 1 s on a quiet machine; a busy shared machine gets a margin of 8.
     assert took < 8.0, f"restoring {SERVICES} states on a Cluster took {took:.2f}s"
+
+
+async def test_at_rest_the_breakers_are_not_walked_and_the_record_follows_changes(
+    managers: Any,
+) -> None:
+    """At rest nothing is O(S) a second: the instance's view (and its timed manual modes) is
+    taken again only after a change, and the record then follows it (a remote transition, a
+    local one, a timed mode that ends by itself with no traffic)."""
+    a, b = await managers(2, services=200)
+    sync = a._sync
+    assert sync is not None
+    await wait_until(lambda: sync._registered is not None and not sync._view_changed, 10)
+    walks = 0
+    taken = a.instance_view
+
+    def counted() -> Any:
+        nonlocal walks
+        walks += 1
+        return taken()
+
+    a.instance_view = counted  # type: ignore[method-assign]
+    await _idle(3.5)  # three intervals at rest
+    assert walks == 0, f"the view was taken {walks} times at rest"
+
+    async def recorded(service: str, state: str) -> bool:
+        fleet = await b.fleet()
+        mine = next((i for i in fleet.instances if i.id == a.instance_id), None)
+        return mine is not None and mine.breakers[service][0] == state
+
+    await b.set_manual("svc7", "forced_open", seconds=1.5)  # adopted by `a`, then ends
+    await wait_until(lambda: recorded("svc7", "forced_open"), 10, 0.05, "the remote mode")
+    await wait_until(lambda: recorded("svc7", "closed"), 10, 0.05, "the mode's end")
+    await a.set_manual("svc9", "forced_open", seconds=1.0)  # a local command, then its end
+    await wait_until(lambda: recorded("svc9", "forced_open"), 10, 0.05, "the local mode")
+    await wait_until(lambda: recorded("svc9", "closed"), 10, 0.05, "the local mode's end")
+    assert walks >= 2
