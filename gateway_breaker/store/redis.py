@@ -16,20 +16,15 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from importlib.resources import files
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
-import redis
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 
 try:  # redis-py >= 7
     from redis.maint_notifications import MaintNotificationsConfig
@@ -41,12 +36,14 @@ from gateway_breaker.config import RedisSettings, redact_url, url_secrets
 from gateway_breaker.errors import ConfigError, PolicyError, StoreError, redact_secrets
 from gateway_breaker.store import checks
 from gateway_breaker.store.base import Evidence, EvidenceResult, Invalidated, WriteResult
+from gateway_breaker.store.cluster_nodes import INVALIDATE_CHANNEL, ClusterNodes, NodeLost
 from gateway_breaker.store.codec import (
     MAX_REASON_CHARS,
     MAX_STATE_BYTES,
     decode_state,
     encode_state,
 )
+from gateway_breaker.store.topology import RedisTopology, dedicated
 from gateway_breaker.views import InstanceView, TransitionEvent
 
 logger = logging.getLogger("gateway_breaker")
@@ -67,8 +64,6 @@ ACQUIRE_PROBE_LUA = _script("acquire_probe")
 COUNT_EVIDENCE_LUA = _script("count_evidence")
 READ_HISTORY_LUA = _script("read_history")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
-# Where Redis sends the keys a tracking connection redirects its invalidations for.
-INVALIDATE_CHANNEL = "__redis__:invalidate"
 # An invalidated state key waits this long for the announcement that usually follows it.
 STALE_GRACE_SECONDS = 0.05
 # Re-reads on the tracked connection measure Redis's clock at most this often.
@@ -109,6 +104,11 @@ class RedisStateStore:
         # keys, tracked by Redis, which sends their invalidations to the subscriber connection.
         self._tracked: Redis | None = None
         self._retired: list[Redis] = []  # tracked connections given up, not closed yet
+        # On a Cluster: a tracked reader and an invalidation subscriber per node.
+        self._nodes: ClusterNodes | None = None
+        self._nodes_tracked = False
+        self._nodes_opened = False  # once opened, a new opening reads the slot map again
+        self._retired_nodes: list[ClusterNodes] = []
         self._tracking_broken = False  # either connection was re-made: Redis forgot it
         self.tracking_refused = False  # CLIENT TRACKING not allowed here: re-reads only
         self._stale: dict[str, float] = {}  # state keys invalidated, not read since: when
@@ -118,8 +118,8 @@ class RedisStateStore:
     @property
     def tracking(self) -> bool:
         """Whether Redis reports changes of the keys this instance read (in every case but a
-        Cluster or a Redis that refuses CLIENT TRACKING, while subscribed)."""
-        return self._tracked is not None
+        Redis that refuses CLIENT TRACKING, while subscribed)."""
+        return self._tracked is not None or (self._nodes is not None and self._nodes_tracked)
 
     @property
     def per_key_reads(self) -> bool:
@@ -170,8 +170,14 @@ class RedisStateStore:
         tracked, self._tracked = self._tracked, None
         if tracked is not None:
             self._retired.append(tracked)
+        nodes, self._nodes = self._nodes, None
+        if nodes is not None:
+            self._retired_nodes.append(nodes)
 
     async def _close_retired(self) -> None:
+        nodes, self._retired_nodes = self._retired_nodes, []
+        for each in nodes:
+            await each.aclose(self.settings.socket_timeout_seconds)
         retired, self._retired = self._retired, []
         for tracked in retired:
             with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
@@ -193,6 +199,7 @@ class RedisStateStore:
         if isinstance(client, RedisCluster):
             for source in (WRITE_STATE_LUA, ACQUIRE_PROBE_LUA, COUNT_EVIDENCE_LUA):
                 await self._run("SCRIPT LOAD", client.script_load(source))
+            await self._run("CLUSTER NODES", self._open_nodes(client), operation="connect")
             await self.load([])
             return
         pipe = client.pipeline(transaction=False)
@@ -211,9 +218,12 @@ class RedisStateStore:
         keys = [self.key(s) for s in services]
         sent = self._clock()
         if isinstance(client, RedisCluster):
-            # Keys spread over slots: the client splits the MGET by node.
+            # Keys spread over slots: one pipeline a node, on the nodes' tracked readers.
+            values = await self._cluster_get(client, keys, "load")
+            if time.monotonic() - self._clock_read < CLOCK_READ_SECONDS:
+                return self._found(services, values)
+            sent = self._clock()
             now = await self._run("TIME", client.time(target_nodes=RedisCluster.DEFAULT_NODE))
-            values = await self._run("MGET", client.mget_nonatomic(keys)) if keys else []
         elif (tracked := self._tracked) is not None:
             # Read on the tracked connection: Redis then reports these keys' next change.
             values = await self._read("MGET", tracked.mget(keys), "load") if keys else []
@@ -406,7 +416,7 @@ class RedisStateStore:
         client = self._redis()
         keys = [self.key(s, "policy") for s in services]
         if isinstance(client, RedisCluster):
-            values = await self._run("MGET", client.mget_nonatomic(keys), operation="policy")
+            values = await self._cluster_get(client, keys, "policy")
         elif (tracked := self._tracked) is not None:
             values = await self._read("MGET", tracked.mget(keys), "policy")
         else:
@@ -612,14 +622,18 @@ class RedisStateStore:
         self._stale.clear()  # everything is read again after a subscription
         await self._close_retired()
         client = self._redis()
-        if not isinstance(client, Redis) or self.tracking_refused:
+        if isinstance(client, RedisCluster):
+            await pubsub.subscribe(self.channel)
+            await self._open_nodes(client)
+            return
+        if self.tracking_refused:
             await pubsub.subscribe(self.channel)
             return
         await pubsub.connect()
         connection = pubsub.connection
         await connection.send_command("CLIENT", "ID")
         subscriber_id = await connection.read_response()
-        tracked = _dedicated(client)
+        tracked = dedicated(client)
         try:
             if isinstance(subscriber_id, ResponseError):
                 raise subscriber_id
@@ -647,6 +661,56 @@ class RedisStateStore:
         if tracked.connection is not None:
             tracked.connection.register_connect_callback(self._connection_remade)  # type: ignore[no-untyped-call]
         self._tracked = tracked
+
+    async def _open_nodes(self, client: RedisCluster) -> None:
+        """On a Cluster: a reader per node, tracked by its node unless Redis refused tracking;
+        the slot map read again (a failover or a resharding may have moved it)."""
+        if self._nodes is not None:
+            return
+        track = not self.tracking_refused
+        nodes = ClusterNodes(
+            client,
+            lambda host, port: self.topology.node_client(self.settings, host, port),
+            self._node_invalidated,
+            self._node_lost,
+        )
+        try:
+            await nodes.open(track=track, refresh=self._nodes_opened)
+        except ResponseError as exc:
+            await nodes.aclose(self.settings.socket_timeout_seconds)
+            if not track:
+                raise
+            # An ACL without client|id or client|tracking: batched reads, untracked.
+            self._refuse_tracking(exc)
+            return await self._open_nodes(client)
+        except BaseException:
+            self._retired_nodes.append(nodes)  # closed at the next subscription, or at the end
+            raise
+        self._nodes, self._nodes_tracked, self._nodes_opened = nodes, track, True
+
+    async def _cluster_get(self, client: RedisCluster, keys: list[str], operation: str) -> Any:
+        if not keys:
+            return []
+        nodes = self._nodes
+        if nodes is None:
+            # Between a fault and the next subscription: the client splits the reads by node.
+            return await self._run("MGET", client.mget_nonatomic(keys), operation=operation)
+        try:
+            return await self._read("GET", nodes.get(keys), operation)
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, MovedError | AskError | NodeLost):
+                raise
+            # The slot map moved (a resharding, a failover): this read goes through the
+            # client, which follows it; the listener opens the nodes again from the new map,
+            # and the sync re-reads every service (it counts as a fault).
+            logger.info("Redis Cluster slots moved; reading the slot map again")
+            return await self._run("MGET", client.mget_nonatomic(keys), operation=operation)
+
+    def _node_invalidated(self, data: Any) -> None:
+        self._pushed.append(self._invalidated(data))
+
+    def _node_lost(self) -> None:
+        self._tracking_broken = True
 
     def _refuse_tracking(self, exc: BaseException) -> None:
         self.tracking_refused = True
@@ -688,8 +752,9 @@ class RedisStateStore:
     @property
     def _listen_timeout(self) -> float:
         # With Sentinel the listener looks up often enough to follow a new master at once.
-        # Otherwise often enough to notice a lost tracking connection within a second.
-        return 0.25 if self.topology.kind == "sentinel" else 1.0
+        # On a Cluster, often enough to pass on the nodes' invalidations promptly. Otherwise
+        # often enough to notice a lost tracking connection within a second.
+        return {"sentinel": 0.25, "cluster": STALE_GRACE_SECONDS}.get(self.topology.kind, 1.0)
 
     async def _follow_master(self) -> None:
         """With Sentinel: ask which server is the master now, and move there if it changed.
@@ -787,6 +852,9 @@ class RedisStateStore:
         if (tracked := self._tracked) is not None:
             raw = await self._read("GET", tracked.get(self.key(service)), "get")
             self._stale.pop(service, None)  # read (and tracked) again after its invalidation
+        elif isinstance(client := self._redis(), RedisCluster):
+            (raw,) = await self._cluster_get(client, [self.key(service)], "get")
+            self._stale.pop(service, None)
         else:
             raw = await self._run("GET", self._redis().get(self.key(service)))
         stored = None if raw is None else self._decode(service, raw)
@@ -853,120 +921,6 @@ class RedisStateStore:
         return replace(snapshot, **times)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class RedisTopology:
-    """What a Redis URL names: one server, a Sentinel-watched master, or a Cluster.
-
-    `redis://`, `rediss://` and `unix://` are read by redis-py itself. The others, as the
-    `limits` library writes them, are parsed here (redis-py's `from_url` does not know them):
-    `redis+sentinel://[user:pass@]h1:p1[,h2:p2]/service_name[/db]` and
-    `redis+cluster://[user:pass@]h1:p1[,h2:p2]`. The URL's credentials are the data nodes';
-    sentinels get `redis.sentinel_password`.
-    """
-
-    kind: str  # "single", "sentinel" or "cluster"
-    url: str
-    hosts: tuple[tuple[str, int], ...] = ()
-    service_name: str = ""
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-    def __repr__(self) -> str:
-        # The URL and the password are secrets: never in a repr (a log line, a traceback).
-        return (
-            f"RedisTopology(kind={self.kind!r}, url={redact_url(self.url)!r},"
-            f" hosts={self.hosts!r}, service_name={self.service_name!r}, db={self.db!r},"
-            f" username={self.username!r}, password={None if self.password is None else '***'!r})"
-        )
-
-    @classmethod
-    def parse(cls, url: str) -> RedisTopology:
-        parts = urlsplit(url)
-        if parts.scheme in ("redis", "rediss", "unix"):
-            return cls("single", url)
-        kind = {"redis+sentinel": "sentinel", "redis+cluster": "cluster"}.get(parts.scheme)
-        if kind is None:
-            raise ConfigError(f"redis.url: unsupported scheme {parts.scheme}://")
-        userinfo, _, hostlist = parts.netloc.rpartition("@")
-        user, _, password = userinfo.partition(":")
-        hosts = []
-        for item in hostlist.split(","):
-            host, _, port = item.rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigError(f"redis.url: {parts.scheme}:// needs host:port pairs")
-            hosts.append((host.strip("[]"), int(port)))
-        path = [p for p in parts.path.split("/") if p]
-        if kind == "sentinel" and not path:
-            raise ConfigError("redis.url: redis+sentinel:// needs the master's service name")
-        if kind == "cluster" and path:
-            raise ConfigError("redis.url: redis+cluster:// takes no path (a cluster has db 0)")
-        if kind == "cluster" and not hasattr(RedisCluster, "pubsub"):
-            # The announcements' subscription needs the asyncio cluster's pub/sub (redis-py 8).
-            raise ConfigError(
-                f"redis.url: redis+cluster:// needs redis-py 8.0 or newer"
-                f" (installed: {redis.__version__})"
-            )
-        if len(path) > 1 and not path[1].isdigit():
-            raise ConfigError("redis.url: the database after the service name is a number")
-        return cls(
-            kind,
-            url,
-            tuple(hosts),
-            service_name=path[0] if path else "",
-            db=int(path[1]) if len(path) > 1 else 0,
-            username=unquote(user) or None,
-            password=unquote(password) or None,
-        )
-
-    def client(self, s: RedisSettings) -> Redis | RedisCluster:
-        """A client with one connection pool of `s.pool_size`, explicit timeouts, no retries."""
-        common: dict[str, Any] = {
-            "socket_timeout": s.socket_timeout_seconds,
-            "socket_connect_timeout": s.connect_timeout_seconds,
-            # One immediate retry, on a broken connection only: a pooled connection that died
-            # with a restarted server fails once. Writes are compare-and-set, so a retry is safe;
-            # longer outages are the sync loop's, with its own backoff.
-            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            "client_name": "gateway-breaker",
-        }
-        if MaintNotificationsConfig is not None:
-            # Off: Redis 7 does not know it, and "auto" also skips the stale-connection check.
-            common["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-        tls = {"ssl_ca_certs": s.ssl_ca_certs, "ssl_certfile": s.ssl_certfile}
-        tls |= {"ssl_keyfile": s.ssl_keyfile}
-        tls = {k: v for k, v in tls.items() if v is not None}
-        auth: dict[str, Any] = {"username": self.username, "password": self.password}
-        if self.kind == "cluster":
-            return RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in self.hosts],
-                max_connections=s.pool_size,
-                **auth,
-                **common,
-            )
-        if self.kind == "sentinel":
-            sentinel_timeouts = {k: common[k] for k in ("socket_timeout", "socket_connect_timeout")}
-            sentinel = Sentinel(
-                list(self.hosts),
-                sentinel_kwargs={"password": s.sentinel_password, **sentinel_timeouts},
-                **common,
-            )
-            master: Redis = sentinel.master_for(
-                self.service_name, max_connections=s.pool_size, db=self.db, **auth
-            )
-            return master
-        if urlsplit(self.url).scheme == "rediss":
-            common |= tls
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=s.pool_size,
-            timeout=s.socket_timeout_seconds,  # wait for a free pooled connection
-            health_check_interval=30,
-            **common,
-        )
-        return Redis.from_pool(pool)
-
-
 def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
     """The snapshot with its times moved to another clock."""
     if not seconds:
@@ -985,37 +939,6 @@ def _shift(snapshot: BreakerSnapshot, seconds: float) -> BreakerSnapshot:
         manual=manual,
         closed_at=moved(snapshot.closed_at),
     )
-
-
-class _OwnPool(ConnectionPool):
-    """The tracked connection's pool: a read still finishing when its client was closed gives
-    back a connection the closed pool no longer knows, which is no error."""
-
-    async def release(self, connection: Any) -> None:
-        with contextlib.suppress(KeyError):
-            await super().release(connection)
-
-
-class _OwnSentinelPool(SentinelConnectionPool):
-    async def release(self, connection: Any) -> None:
-        with contextlib.suppress(KeyError):
-            await super().release(connection)
-
-
-def _dedicated(client: Redis) -> Redis:
-    """One connection of its own, to the same server with the same settings, outside the
-    shared pool (a pool of `pool_size` keeps all its connections for writes and leases)."""
-    pool = client.connection_pool
-    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
-    kwargs["connection_class"] = pool.connection_class
-    own: ConnectionPool
-    if isinstance(pool, SentinelConnectionPool):
-        own = _OwnSentinelPool(  # type: ignore[no-untyped-call]
-            pool.service_name, pool.sentinel_manager, max_connections=1, **kwargs
-        )
-    else:
-        own = _OwnPool(max_connections=1, **kwargs)
-    return Redis(connection_pool=own, single_connection_client=True)
 
 
 def _text(value: Any) -> str | None:

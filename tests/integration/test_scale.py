@@ -287,3 +287,63 @@ async def test_at_rest_the_breakers_are_not_walked_and_the_record_follows_change
     await wait_until(lambda: recorded("svc9", "forced_open"), 10, 0.05, "the local mode")
     await wait_until(lambda: recorded("svc9", "closed"), 10, 0.05, "the local mode's end")
     assert walks >= 2
+
+
+async def test_values_written_past_the_gateways_on_a_cluster_reach_the_managers(
+    redis_cluster: RedisClusterServers, key_prefix: str
+) -> None:
+    """Each node tracks the keys read there and tells the instance when one changes: a SET, a
+    DEL, an expiry and a policy written by hand reach every instance in well under the slow
+    sweep's lap (2,000 services at 2 a second: 1,000 s)."""
+    config = scale_config(redis_cluster.url, key_prefix, 2_000)
+    a = await CircuitBreakerManager.with_redis(config)
+    b = await CircuitBreakerManager.with_redis(config)
+    try:
+        for m in (a, b):
+            await wait_until(lambda m=m: tracking(m), 10, 0.05, "client tracking on every node")
+        client = redis_cluster.client()
+        names = ("svc11", "svc1234", "svc1999")  # on different nodes, most likely
+        for name in names:
+            client.set(f"{key_prefix}:{{{name}}}:state", seed_state("open"), ex=3600)
+        for m in (a, b):
+            for name in names:
+                await wait_until(
+                    lambda m=m, name=name: m.get(name).state is CircuitState.OPEN,
+                    PAST_THE_GATEWAYS_SECONDS,
+                    0.01,
+                    f"the SET of {name} to reach the manager",
+                )
+        client.set(f"{key_prefix}:{{svc11}}:state", seed_state("open", version=9), ex=3600)
+        for m in (a, b):
+            await wait_until(lambda m=m: m.get("svc11").version == 9, 10, 0.01, "version 9")
+        client.delete(f"{key_prefix}:{{svc11}}:state")
+        client.set(f"{key_prefix}:{{svc1234}}:state", seed_state("open", version=5), px=1500)
+        for m in (a, b):
+            await wait_until(
+                lambda m=m: m.get("svc11").state is CircuitState.CLOSED,
+                PAST_THE_GATEWAYS_SECONDS,
+                0.01,
+                "the DEL to reach the manager",
+            )
+            await wait_until(
+                lambda m=m: (
+                    m.get("svc1234").version == 5 or m.get("svc1234").state is CircuitState.CLOSED
+                ),
+                PAST_THE_GATEWAYS_SECONDS,
+                0.01,
+                "the short-lived value",
+            )
+        for m in (a, b):
+            await wait_until(
+                lambda m=m: m.get("svc1234").state is CircuitState.CLOSED,
+                PAST_THE_GATEWAYS_SECONDS,
+                0.02,
+                "the expiry to reach the manager",
+            )
+        client.set(f"{key_prefix}:{{svc7}}:policy", json.dumps({"failure_threshold": 42}))
+        await wait_until(
+            lambda: b.get("svc7").policy.failure_threshold == 42, PAST_THE_GATEWAYS_SECONDS
+        )
+    finally:
+        await a.aclose()
+        await b.aclose()
