@@ -64,6 +64,8 @@ ACQUIRE_PROBE_LUA = _script("acquire_probe")
 COUNT_EVIDENCE_LUA = _script("count_evidence")
 READ_HISTORY_LUA = _script("read_history")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
+# Announcements verified together at most (a burst's; one MGET of their keys).
+VERIFY_BATCH = 256
 # An invalidated state key waits this long for the announcement that usually follows it.
 STALE_GRACE_SECONDS = 0.05
 # Re-reads on the tracked connection measure Redis's clock at most this often.
@@ -572,22 +574,34 @@ class RedisStateStore:
                 if current is not None and current.cancelling():
                     # redis-py's read can swallow a cancellation: honour it here.
                     raise asyncio.CancelledError
-                if message is None or message.get("type") != "message":
+                if message is None:
                     continue
-                if _text(message.get("channel")) == INVALIDATE_CHANNEL:
-                    if (now := self._hold(self._invalidated(message["data"]))) is not None:
-                        yield now
-                    continue
-                event = self._decode_event(message["data"])
-                announced = None if event is None else event[1]
-                if event is not None and announced is None:
-                    yield event  # a policy notice: the sync re-reads the policy key itself
-                elif event is not None and announced is not None:
-                    verified = await self._verify(event[0], announced)
-                    if verified is not None:
+                # A burst: what else has arrived is taken now, and the states it announces are
+                # verified together, one read for them all.
+                messages = [message]
+                while len(messages) < VERIFY_BATCH:
+                    more = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                    if more is None:
+                        break
+                    messages.append(more)
+                announced: dict[str, list[BreakerSnapshot]] = {}
+                for message in messages:
+                    if message.get("type") != "message":
+                        continue
+                    if _text(message.get("channel")) == INVALIDATE_CHANNEL:
+                        if (now := self._hold(self._invalidated(message["data"]))) is not None:
+                            yield now
+                        continue
+                    event = self._decode_event(message["data"])
+                    if event is None:
+                        await asyncio.sleep(0)  # a flood of junk must not starve the requests
+                    elif event[1] is None:
+                        yield event  # a policy notice: the sync re-reads the policy key itself
+                    else:
+                        announced.setdefault(event[0], []).append(event[1])
+                if announced:
+                    for verified in await self._verify(announced):
                         yield verified
-                else:
-                    await asyncio.sleep(0)  # a flood of junk must not starve the requests
         finally:
             self._retire_tracking()
             with contextlib.suppress(RedisError, OSError, RuntimeError):
@@ -838,38 +852,54 @@ class RedisStateStore:
         return service, snapshot  # on Redis's clock: shifted once verified
 
     async def _verify(
-        self, service: str, announced: BreakerSnapshot
-    ) -> tuple[str, BreakerSnapshot] | None:
-        """The announced state if the store holds it (or a newer one); forgeries are dropped.
+        self, announced: dict[str, list[BreakerSnapshot]]
+    ) -> list[tuple[str, BreakerSnapshot]]:
+        """The announced states the store holds (or newer ones); forgeries are dropped.
 
-        An announcement is a hint; the stored value is the fleet's state. One GET, in the
-        listener, for a state newer than the last one this store read.
+        An announcement is a hint; the stored value is the fleet's state. One read, in the
+        listener, of the states newer than the last ones this store read (a burst of them
+        together: one MGET, or one pipeline a node).
         """
-        cached = self._decoded.get(service)
-        known = cached[1].version if cached is not None and cached[1] is not None else -1
-        if 0 <= known - announced.version <= 2**52:
-            return None  # nothing new (the sync ignores older versions anyway)
+        names = []
+        for service, snapshots in announced.items():
+            cached = self._decoded.get(service)
+            known = cached[1].version if cached is not None and cached[1] is not None else -1
+            # What is not newer than the last read says nothing new (the sync ignores it).
+            snapshots[:] = [s for s in snapshots if not 0 <= known - s.version <= 2**52]
+            if snapshots:
+                names.append(service)
+        if not names:
+            return []
+        keys = [self.key(service) for service in names]
+        client = self._redis()
         if (tracked := self._tracked) is not None:
-            raw = await self._read("GET", tracked.get(self.key(service)), "get")
-            self._stale.pop(service, None)  # read (and tracked) again after its invalidation
-        elif isinstance(client := self._redis(), RedisCluster):
-            (raw,) = await self._cluster_get(client, [self.key(service)], "get")
-            self._stale.pop(service, None)
+            values = await self._read("MGET", tracked.mget(keys), "get")
+        elif isinstance(client, RedisCluster):
+            values = await self._cluster_get(client, keys, "get")
         else:
-            raw = await self._run("GET", self._redis().get(self.key(service)))
-        stored = None if raw is None else self._decode(service, raw)
-        # Both on our clock with the same offset (a re-read may have moved it meanwhile).
-        announced = _shift(announced, -self.offset)
-        if stored is not None and (
-            stored == announced
-            or stored.version > announced.version
-            or announced.version - stored.version > 2**52  # the version started again at 1
-        ):
-            return service, stored
-        self._drop(
-            "forged", "the announced state is not the stored one (forged, or lost in a failover)"
-        )
-        return None
+            values = await self._run("MGET", client.mget(keys), operation="get")
+        verified = []
+        for service, raw in zip(names, values, strict=True):
+            self._stale.pop(service, None)  # read (and tracked) again after its invalidation
+            stored = None if raw is None else self._decode(service, raw)
+            held = False
+            for snapshot in announced[service]:
+                # Both on our clock with the same offset (a re-read may have moved it).
+                said = _shift(snapshot, -self.offset)
+                if stored is not None and (
+                    stored == said
+                    or stored.version > said.version
+                    or said.version - stored.version > 2**52  # the version started again at 1
+                ):
+                    held = True
+                else:
+                    self._drop(
+                        "forged",
+                        "the announced state is not the stored one (forged, or lost in a failover)",
+                    )
+            if held and stored is not None:
+                verified.append((service, stored))
+        return verified
 
     def _drop(self, kind: str, why: str) -> None:
         count = self.dropped_events.get(kind, 0)
