@@ -55,7 +55,8 @@ from benchmarks._common import (  # noqa: E402
 GRID = ((1, 10), (1, 1_000), (1, 10_000), (10, 1_000), (10, 10_000), (50, 1_000), (100, 10))
 PER_WORKER = 25  # managers per worker process
 BURST = 1_000
-POLL_SECONDS = 0.0005
+SETTLE_SECONDS = 180.0
+WATCH_SECONDS = 120.0  # how long the instances are watched for a transition or a burst
 
 
 def config_for(url: str, services: int, prefix: str) -> Any:
@@ -96,9 +97,11 @@ async def _worker(conn: Connection, url: str, services: int, count: int, prefix:
             command, arg = await loop.run_in_executor(None, conn.recv)
             if command == "cpu":
                 conn.send(("cpu", cpu_seconds()))
+            elif command == "settle":
+                conn.send(("settled", await _settle(managers)))
             elif command == "watch":
-                names = [f"svc{i}" for i in range(arg)]
-                conn.send(("seen", await _watch(managers, names)))
+                names = [f"svc{i}" for i in arg]
+                conn.send(("seen", await _watch(conn, managers, names)))
             elif command == "stop":
                 break
     finally:
@@ -107,18 +110,55 @@ async def _worker(conn: Connection, url: str, services: int, count: int, prefix:
         conn.send(("stopped", None))
 
 
-async def _watch(managers: list[Any], names: list[str]) -> list[float]:
-    """When each manager saw every one of `names` forced open (wall clock)."""
-    seen: list[float] = [0.0] * len(managers)
-    left = set(range(len(managers)))
-    deadline = time.monotonic() + 60
-    while left and time.monotonic() < deadline:
-        for i in list(left):
-            if all(managers[i].get(n).effective_state == "forced_open" for n in names):
+async def _settle(managers: list[Any]) -> float:
+    """Wait until every instance is connected and done with the re-reads a fault (a timeout
+    while all of them started at once) brings: at rest means after that. Returns the wait."""
+    started = time.monotonic()
+    while time.monotonic() - started < SETTLE_SECONDS:
+        now = time.monotonic()
+        if all(
+            m._sync.connected
+            and not getattr(m._sync, "_full_reads", ())
+            and getattr(m._sync, "_recovering_until", 0.0) < now
+            for m in managers
+        ):
+            break
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def _watch(conn: Connection, managers: list[Any], names: list[str]) -> list[float]:
+    """When each manager applied the last of `names` forced open (wall clock), told by its
+    transition listener: nothing polls, so the watch costs the instances nothing meanwhile."""
+    left = [set(names) for _ in managers]
+    seen = [float("nan")] * len(managers)
+    done = asyncio.Event()
+    remaining = len(managers)
+
+    def listener(i: int) -> Any:
+        def on(event: Any) -> None:
+            nonlocal remaining
+            if event.to_state != "forced_open" or event.service not in left[i]:
+                return
+            left[i].discard(event.service)
+            if not left[i]:
                 seen[i] = time.time()
-                left.discard(i)
-        await asyncio.sleep(POLL_SECONDS)
-    return [s if s else float("nan") for s in seen]
+                remaining -= 1
+                if not remaining:
+                    done.set()
+
+        return on
+
+    stops = [m.on_transition(listener(i)) for i, m in enumerate(managers)]
+    conn.send(("watching", None))
+    try:
+        await asyncio.wait_for(done.wait(), WATCH_SECONDS)
+    except TimeoutError:
+        pass
+    finally:
+        for stop in stops:
+            stop()
+    return seen
 
 
 class Fleet:
@@ -147,8 +187,15 @@ class Fleet:
     def ask(self, command: str, arg: Any = None) -> list[Any]:
         for conn in self.conns:
             conn.send((command, arg))
-        kind = {"cpu": "cpu", "watch": "seen", "stop": "stopped"}[command]
+        kind = {"cpu": "cpu", "settle": "settled", "watch": "seen", "stop": "stopped"}[command]
         return [self._recv(conn, kind) for conn in self.conns]
+
+    def watch(self, indexes: Any) -> None:
+        """Every worker watches its instances for these services' forced opens."""
+        for conn in self.conns:
+            conn.send(("watch", list(indexes)))
+        for conn in self.conns:
+            self._recv(conn, "watching")
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -157,6 +204,16 @@ class Fleet:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+
+
+def command_usec(clients: list[redis.Redis]) -> dict[str, int]:
+    """Redis's time spent per command so far (`INFO commandstats`), summed over the nodes."""
+    spent: dict[str, int] = {}
+    for client in clients:
+        for name, stats in client.info("commandstats").items():
+            key = name.removeprefix("cmdstat_")
+            spent[key] = spent.get(key, 0) + int(stats["usec"])
+    return spent
 
 
 def redis_figures(clients: list[redis.Redis]) -> tuple[int, float]:
@@ -192,33 +249,40 @@ def one(
     prefix = f"scale{n}x{services}"
     fleet = Fleet(url, n, services, prefix, root)
     try:
-        time.sleep(min(3.0, window))  # startup reads and first registrations settle
+        settle = max(fleet.ask("settle"))  # startup reads and first registrations
+        time.sleep(min(3.0, window))
         cmd0, rcpu0 = redis_figures(clients)
+        stats0 = command_usec(clients)
         cpu0, t0 = sum(fleet.ask("cpu")), time.monotonic()
         time.sleep(window)
         cmd1, rcpu1 = redis_figures(clients)
+        stats1 = command_usec(clients)
         cpu1, elapsed = sum(fleet.ask("cpu")), time.monotonic() - t0
+        spent = {k: v - stats0.get(k, 0) for k, v in stats1.items()}
         rest = {
+            "settle_s": settle,
+            # Redis's time by command at rest (microseconds a second), the costliest first.
+            "redis_usec_per_s": {
+                k: round(v / elapsed) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])[:6]
+            },
             "redis_cmds_per_s": (cmd1 - cmd0) / elapsed,
             "redis_cpu_percent": 100 * (rcpu1 - rcpu0) / elapsed,
             "instance_cpu_percent": 100 * (cpu1 - cpu0) / elapsed / n,
             "memory_mb_per_instance": sum(fleet.memory) / len(fleet.memory) / 2**20,
         }
         # One transition: propagation to every instance.
-        for conn in fleet.conns:
-            conn.send(("watch", 1))
-        time.sleep(0.2)  # the watchers are polling
+        fleet.watch([0])
         started = asyncio.run(_operator(url, services, prefix, ["svc0"]))
         seen = [s for c in fleet.conns for s in fleet._recv(c, "seen")]
         delays = [1000 * (s - started) for s in seen]
-        # A burst of transitions.
-        burst = min(BURST, services)
+        # A burst of transitions (of services other than the first one's).
+        burst = min(BURST, services - 1)
         cmd0, rcpu0 = redis_figures(clients)
         cpu0 = sum(fleet.ask("cpu"))
-        for conn in fleet.conns:
-            conn.send(("watch", burst))
-        time.sleep(0.2)
-        started = asyncio.run(_operator(url, services, prefix, [f"svc{i}" for i in range(burst)]))
+        fleet.watch(range(1, burst + 1))
+        started = asyncio.run(
+            _operator(url, services, prefix, [f"svc{i}" for i in range(1, burst + 1)])
+        )
         seen_all = [s for c in fleet.conns for s in fleet._recv(c, "seen")]
         cmd1, rcpu1 = redis_figures(clients)
         cpu1 = sum(fleet.ask("cpu"))

@@ -64,6 +64,9 @@ ACQUIRE_PROBE_LUA = _script("acquire_probe")
 COUNT_EVIDENCE_LUA = _script("count_evidence")
 READ_HISTORY_LUA = _script("read_history")
 _EVIDENCE_OUTCOMES = {0: "stale", 1: "opened", 2: "local", 3: "counted"}
+# Keys read by one MGET at most: a restore of 10,000 states is 10 round trips, and Redis serves
+# other clients (a transition's announcement) between them.
+MGET_CHUNK = 1000
 # Announcements verified together at most (a burst's; one MGET of their keys).
 VERIFY_BATCH = 256
 # An invalidated state key waits this long for the announcement that usually follows it.
@@ -214,6 +217,11 @@ class RedisStateStore:
         self._observe_clock(sent, replies[-1])
 
     async def load(self, services: Sequence[str]) -> dict[str, BreakerSnapshot]:
+        if len(services) > MGET_CHUNK and self.topology.kind != "cluster":
+            found: dict[str, BreakerSnapshot] = {}
+            for i in range(0, len(services), MGET_CHUNK):
+                found.update(await self.load(services[i : i + MGET_CHUNK]))
+            return found
         client = self._redis()
         self._services.update(services)
         await self._follow_master()
@@ -415,6 +423,11 @@ class RedisStateStore:
     async def load_policies(self, services: Sequence[str]) -> dict[str, dict[str, object]]:
         if not services:
             return {}
+        if len(services) > MGET_CHUNK and self.topology.kind != "cluster":
+            chunks: dict[str, dict[str, object]] = {}
+            for i in range(0, len(services), MGET_CHUNK):
+                chunks.update(await self.load_policies(services[i : i + MGET_CHUNK]))
+            return chunks
         client = self._redis()
         keys = [self.key(s, "policy") for s in services]
         if isinstance(client, RedisCluster):

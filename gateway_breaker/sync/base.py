@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 
 from gateway_breaker.config import RedisSettings
@@ -39,10 +40,22 @@ PROBE_RECHECK_SECONDS = 0.25
 SWEEP_TRACKED = 100
 SWEEP_UNTRACKED = 1000
 SWEEP_PER_KEY = 2
-# After a fault (an outage, a lost subscription or tracking) every service is re-read every
-# interval for this long, as before any of it: whatever a failover, a cut connection or a write
-# that timed out after it landed left different, the fleet agrees again within an interval.
-RECOVERY_SECONDS = 30.0
+# After a fault (an outage, a lost subscription or tracking) every service is re-read at once
+# and again this many seconds later (each spread by +-20%, so that a fleet that saw the same
+# fault does not re-read in step): whatever a failover, a cut connection or a write that timed
+# out after it landed left different, the fleet agrees again within seconds. A few O(S) reads a
+# fault, never O(S) a second for long: at 200 x 10,000 that would keep Redis too busy to answer,
+# and make a fault of its own.
+RECOVERY_READS = (1.0, 2.0, 5.0, 15.0)
+# Services named in a log line at most (the count says how many in all).
+LOGGED_SERVICES = 10
+
+
+def named(services: list[str]) -> str:
+    """Services for a log line: the first few, and how many in all."""
+    shown = ",".join(services[:LOGGED_SERVICES])
+    more = len(services) - LOGGED_SERVICES
+    return f"{shown},... ({len(services)} in all)" if more > 0 else shown
 
 
 class SyncBase:
@@ -99,7 +112,7 @@ class SyncBase:
         self._resubscribed = False  # the next re-read follows a lost subscription
         self._sweep_names: list[str] | None = None  # this lap of the round-robin re-read
         self._sweep_at = 0
-        self._recovering_until = 0.0  # monotonic: re-read everything every interval until then
+        self._full_reads: list[float] = []  # monotonic: when to re-read everything again
 
     def view_changed(self) -> None:
         """A breaker's state, manual mode or version changed, or a breaker was created."""
@@ -128,7 +141,8 @@ class SyncBase:
 
     def _recovering(self) -> None:
         """A fault happened: re-read every service every interval for a while."""
-        self._recovering_until = time.monotonic() + RECOVERY_SECONDS
+        now = time.monotonic()
+        self._full_reads = [now + s * random.uniform(0.8, 1.2) for s in RECOVERY_READS]
 
     def _lost(self, exc: StoreError, service: str | None = None) -> None:
         self._recovering()
@@ -155,7 +169,7 @@ class SyncBase:
             logger.warning(
                 "Circuit breakers count failures per instance while Redis is unreachable"
                 " (services=%s)",
-                ",".join(alone),
+                named(alone),
             )
 
     def _set_fleet(self, available: bool) -> list[str]:

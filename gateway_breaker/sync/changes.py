@@ -132,7 +132,8 @@ class Changes(Writes):
     def _sweep(self) -> list[str]:
         """The next few services of the slow round-robin re-read, the last safety net: a fixed
         number a round, whatever S, so a full sweep takes S / that many rounds."""
-        if time.monotonic() < self._recovering_until:
+        if self._full_reads and time.monotonic() >= self._full_reads[0]:
+            del self._full_reads[0]
             return list(self._manager.breakers())
         if self.store.per_key_reads:
             count = SWEEP_PER_KEY

@@ -23,6 +23,7 @@ from gateway_breaker.sync.base import (
     MAX_BACKOFF_SECONDS,
     TASK_STOP_TIMEOUT_SECONDS,
     logger,
+    named,
 )
 from gateway_breaker.sync.evidence import FleetEvidence
 from gateway_breaker.sync.leases import Leases
@@ -75,7 +76,7 @@ class StateSync(FleetEvidence, Leases):
             except (StoreError, TimeoutError) as exc:
                 logger.error(
                     "Failed to persist circuit breaker state to Redis (service=%s, error=%s)",
-                    ",".join(sorted(self._dirty)),
+                    named(sorted(self._dirty)),
                     exc,
                 )
         try:
