@@ -63,6 +63,12 @@ def decode_state(raw: bytes | str) -> BreakerSnapshot:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    return state_from_doc(doc)
+
+
+def state_from_doc(doc: object) -> BreakerSnapshot:
+    """A stored state already parsed from JSON (an announcement carries one); raises
+    ValueError saying what is wrong with it."""
     if not isinstance(doc, dict):
         raise ValueError(f"not a JSON object but {type(doc).__name__}")
     try:

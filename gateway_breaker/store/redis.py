@@ -42,6 +42,7 @@ from gateway_breaker.store.codec import (
     MAX_STATE_BYTES,
     decode_state,
     encode_state,
+    state_from_doc,
 )
 from gateway_breaker.store.topology import RedisTopology, dedicated
 from gateway_breaker.views import InstanceView, TransitionEvent
@@ -858,7 +859,7 @@ class RedisStateStore:
         if policy:
             return service, None
         try:
-            snapshot = decode_state(json.dumps(doc["state"]))
+            snapshot = state_from_doc(doc["state"])  # no bigger than the announcement
         except (ValueError, RecursionError) as exc:
             self._drop("invalid_state", str(exc)[:120])
             return None

@@ -47,6 +47,10 @@ SWEEP_PER_KEY = 2
 # fault, never O(S) a second for long: at 200 x 10,000 that would keep Redis too busy to answer,
 # and make a fault of its own.
 RECOVERY_READS = (1.0, 2.0, 5.0, 15.0)
+# The instance's record (its view of every breaker, for the fleet view) holds this many
+# services' views per interval at most: with 10,000 services it is written every 10 intervals
+# at most, so that a burst costs the instance and Redis no more bytes a second than 1,000.
+RECORD_SERVICES_PER_INTERVAL = 1000
 # Services named in a log line at most (the count says how many in all).
 LOGGED_SERVICES = 10
 
@@ -108,7 +112,9 @@ class SyncBase:
         # was last taken: at rest nothing walks the S breakers (the record and the timed manual
         # modes are looked at again only after a change).
         self._view_changed = True
+        self._timed_stale = True  # the same, for the list of timed manual modes
         self._timed: list[str] = []  # services in a manual mode that ends by itself
+        self._record_due = 0.0  # monotonic: the record may be written again from then
         self._resubscribed = False  # the next re-read follows a lost subscription
         self._sweep_names: list[str] | None = None  # this lap of the round-robin re-read
         self._sweep_at = 0
@@ -116,12 +122,13 @@ class SyncBase:
 
     def view_changed(self) -> None:
         """A breaker's state, manual mode or version changed, or a breaker was created."""
-        self._view_changed = True
+        self._view_changed = self._timed_stale = True
 
     def _expire_manual(self) -> None:
         """End the timed manual modes whose time is up, even with no traffic: O(timed modes),
         and O(S) once after a change to find them."""
-        if self._view_changed:
+        if self._timed_stale:
+            self._timed_stale = False
             self._timed = [
                 name
                 for name, breaker in self._manager.breakers().items()

@@ -165,7 +165,7 @@ class FleetEvidence(Changes, Registry):
             # Our counts opened the fleet: the stored open state is our own transition.
             self._dirty.discard(name)
             self._pending_history.pop(name, None)
-            self._view_changed = True
+            self.view_changed()
             if breaker.restore(stored):
                 self._manager.fleet_decided(breaker)
             logger.debug(

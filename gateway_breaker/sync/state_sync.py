@@ -137,8 +137,6 @@ class StateSync(FleetEvidence, Leases):
                     await self._load_policies(batch)
                     if self._register:
                         await self._register_instance()
-                    else:
-                        self._view_changed = False
             except StoreError as exc:
                 self._lost(exc)
 

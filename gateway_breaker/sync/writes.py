@@ -24,7 +24,7 @@ class Writes(SyncBase):
     """Local transitions to Redis: dirty services written by compare-and-set."""
 
     def mark_dirty(self, service: str) -> None:
-        self._view_changed = True
+        self.view_changed()
         self._dirty.add(service)
         self._wake.set()
 
@@ -82,7 +82,7 @@ class Writes(SyncBase):
             if result.accepted:
                 # An announcement of a still newer state may have arrived meanwhile.
                 breaker.version = max(breaker.version, stored.version)
-                self._view_changed = True
+                self.view_changed()
                 logger.debug(
                     "Persisted circuit breaker state to Redis (service=%s, state=%s)",
                     name,
@@ -92,7 +92,7 @@ class Writes(SyncBase):
                 continue  # a newer state was applied while we wrote; nothing to adopt
             elif _knows_more(breaker, stored):
                 breaker.version = stored.version
-                self._view_changed = True
+                self.view_changed()
                 self._pending_history[name] = events + self._pending_history.get(name, [])
                 self._dirty.add(name)  # write again, on top of it
             else:
@@ -104,7 +104,7 @@ class Writes(SyncBase):
     def _adopt(self, breaker: CircuitBreaker, snapshot: BreakerSnapshot) -> None:
         # Our unsent transitions lost to the fleet's: they never happened for the fleet.
         self._pending_history.pop(breaker.name, None)
-        self._view_changed = True
+        self.view_changed()
         if breaker.restore(snapshot):
             self._manager.adopted(breaker)
         logger.debug(
