@@ -116,6 +116,12 @@ class StateStore(Protocol):
         """Live policy overrides of `services` (absent or unusable ones left out)."""
         ...
 
+    async def load_both(
+        self, services: Sequence[str]
+    ) -> tuple[dict[str, BreakerSnapshot], dict[str, dict[str, object]]]:
+        """`load` and `load_policies` of the same services, in one round trip if it can."""
+        ...
+
     async def write_policy(
         self, service: str, fields: dict[str, object] | None, instance: str
     ) -> None:
@@ -126,9 +132,10 @@ class StateStore(Protocol):
         """Record this instance as live for `ttl` seconds, with its view of the breakers."""
         ...
 
-    async def heartbeat(self, instance: str, ttl: float) -> bool:
-        """Keep a registered instance live for `ttl` more seconds, in O(1) commands and bytes.
-        False: its record is gone; register it again."""
+    async def heartbeat(self, instance: str, ttl: float) -> int | None:
+        """Keep a registered instance live for `ttl` more seconds, in O(1) commands and bytes,
+        and count the instances registered within the last `ttl` seconds. None: its record is
+        gone; register it again."""
         ...
 
     async def instances(self) -> list[InstanceView]:

@@ -437,6 +437,11 @@ class RedisStateStore:
             values = await self._read("MGET", tracked.mget(keys), "policy")
         else:
             values = await self._run("MGET", client.mget(keys), operation="policy")
+        return self._policies_found(services, values)
+
+    def _policies_found(
+        self, services: Sequence[str], values: Sequence[Any]
+    ) -> dict[str, dict[str, object]]:
         found: dict[str, dict[str, object]] = {}
         for service, raw in zip(services, values, strict=True):
             if raw is None:
@@ -451,6 +456,29 @@ class RedisStateStore:
                 continue
             found[service] = self._policies[service] = doc
         return found
+
+    async def load_both(
+        self, services: Sequence[str]
+    ) -> tuple[dict[str, BreakerSnapshot], dict[str, dict[str, object]]]:
+        """States and policy overrides of a few services (the slow re-read): one `MGET` of
+        both on a tracked connection (one pipeline a node on a Cluster); when Redis's clock is
+        due to be read, or with no tracking, as `load` and `load_policies` do."""
+        client = self._redis()
+        await self._follow_master()
+        tracked = self._tracked
+        due = time.monotonic() - self._clock_read >= CLOCK_READ_SECONDS
+        if not services or due or len(services) > MGET_CHUNK // 2:
+            return await self.load(services), await self.load_policies(services)
+        keys = [self.key(s) for s in services] + [self.key(s, "policy") for s in services]
+        if tracked is not None:
+            values = await self._read("MGET", tracked.mget(keys), "load")
+        elif isinstance(client, RedisCluster) and self._nodes is not None:
+            values = await self._cluster_get(client, keys, "load")
+        else:
+            return await self.load(services), await self.load_policies(services)
+        self._services.update(services)
+        count = len(services)
+        return self._found(services, values[:count]), self._policies_found(services, values[count:])
 
     async def write_policy(
         self, service: str, fields: dict[str, object] | None, instance: str
@@ -493,21 +521,24 @@ class RedisStateStore:
             self.rejected("registry", "the instance index is not a sorted set: replaced")
             await self._run("DEL", client.delete(index), operation="register")
 
-    async def heartbeat(self, instance: str, ttl: float) -> bool:
-        """Keep a registered instance live: two commands, whatever its number of breakers.
-        False: its record is gone (expired, or a new master lacks it): register it again."""
+    async def heartbeat(self, instance: str, ttl: float) -> int | None:
+        """Keep a registered instance live and count the live ones: three commands in one
+        round trip, whatever its number of breakers. None: its record is gone (expired, or a
+        new master lacks it): register it again."""
         client = self._redis()
         last_seen = self._clock() + self.offset
+        index = f"{self.settings.key_prefix}:instances"
         pipe = client.pipeline(transaction=False)
-        pipe.zadd(f"{self.settings.key_prefix}:instances", {instance: round(last_seen * 1000)})
+        pipe.zadd(index, {instance: round(last_seen * 1000)})
         pipe.pexpire(f"{self.settings.key_prefix}:instance:{instance}", max(1, round(ttl * 1000)))
+        pipe.zcount(index, round((last_seen - ttl) * 1000), "+inf")
         try:
-            replies = await self._run("ZADD/PEXPIRE", pipe.execute(), operation="register")
+            replies = await self._run("ZADD/PEXPIRE/ZCOUNT", pipe.execute(), operation="register")
         except StoreError as exc:
             if not _wrong_type(exc):
                 raise
-            return False  # not an index of ours: registering again replaces it
-        return bool(replies[1])
+            return None  # not an index of ours: registering again replaces it
+        return int(replies[2]) if replies[1] else None
 
     async def instances(self) -> list[InstanceView]:
         client = self._redis()

@@ -167,7 +167,21 @@ class Changes(Writes):
     async def _reconcile(self, services: Iterable[str], *, after_outage: bool = False) -> None:
         find = self._manager.find
         names = [s for s in services if find(s) is not None]
-        stored = await self.store.load(names)
+        await self._agree(names, await self.store.load(names), after_outage=after_outage)
+
+    async def _resweep(self, services: list[str]) -> None:
+        """The slow re-read of a few services: states and policies in one round trip."""
+        find = self._manager.find
+        names = [s for s in services if find(s) is not None]
+        stored, policies = await self.store.load_both(names)
+        await self._agree(names, stored)
+        self._apply_policies(names, policies)
+
+    async def _agree(
+        self, names: list[str], stored: dict[str, BreakerSnapshot], *, after_outage: bool = False
+    ) -> None:
+        """Adopt what the store holds where it differs (the store is the fleet's truth)."""
+        find = self._manager.find
         for name in names:
             if name in self._dirty:
                 continue  # our write decides, by compare-and-set
@@ -192,7 +206,9 @@ class Changes(Writes):
             await self._flush()
 
     async def _load_policies(self, services: list[str]) -> None:
-        stored = await self.store.load_policies(services)
+        self._apply_policies(services, await self.store.load_policies(services))
+
+    def _apply_policies(self, services: list[str], stored: dict[str, dict[str, object]]) -> None:
         for name in services:
             if name not in self._policy_writing:
                 self._manager.apply_policy(name, stored.get(name))

@@ -1,10 +1,11 @@
 """Registry: this instance's registration and the fleet's live instances.
 
-Cost: a heartbeat of two commands (ZADD, PEXPIRE) and one ZCOUNT per `sync_interval_seconds`,
-whatever the number of services S; the instance's record (its view of each breaker, O(S) bytes)
-is written only when that view changed, at most once an interval, and at most once every
-S / 1,000 intervals beyond 1,000 services (the same bytes a second as 1,000 services' record).
-Redis's cost is O(N) at rest; during a burst of transitions O(N x min(S, 1,000)) bytes a second.
+Cost: a heartbeat of three commands in one round trip (ZADD, PEXPIRE, and ZCOUNT of the live
+instances) per `sync_interval_seconds`, whatever the number of services S; the instance's
+record (its view of each breaker, O(S) bytes) is written only when that view changed, at most
+once an interval, and at most once every S / 1,000 intervals beyond 1,000 services (the same
+bytes a second as 1,000 services' record). Redis's cost is O(N) at rest; during a burst of
+transitions O(N x min(S, 1,000)) bytes a second.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ class Registry(SyncBase):
         if changed:
             self._view_changed = False
         view = self._manager.instance_view() if changed else None
-        if (view is None or view.breakers == self._registered) and await self.store.heartbeat(
-            self._instance, ttl
-        ):
-            await self._count_live()
-            return
+        if view is None or view.breakers == self._registered:
+            live = await self.store.heartbeat(self._instance, ttl)
+            if live is not None:
+                self.live, self._live_at = live, time.monotonic()
+                return
         # The view changed, or the record is gone (expired, or Redis restarted).
         view = view or self._manager.instance_view()
         try:

@@ -132,9 +132,7 @@ class StateSync(FleetEvidence, Leases):
                 if time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + self._interval
                     self._expire_manual()
-                    batch = self._sweep()
-                    await self._reconcile(batch)
-                    await self._load_policies(batch)
+                    await self._resweep(self._sweep())
                     if self._register:
                         await self._register_instance()
             except StoreError as exc:
