@@ -137,7 +137,8 @@ class CircuitBreakerMiddleware:
         if self._start_pending:
             # No lifespan (some test clients, some servers): start in the background, never wait.
             self._begin_start()
-        breaker = self._breakers.get(service) or self._breaker(service)
+        breakers = self._breakers
+        breaker = breakers[service] if service in breakers else self._breaker(service)
         if breaker.state is _OPEN and breaker.manual is None:
             # The load-shedding path: inside the open period, the kept 503 at once (counted as
             # rejected); at its end `acquire` lets the probe through.
