@@ -109,11 +109,10 @@ class CircuitBreakerMiddleware:
         path: str = scope["path"]
         if scope.get("root_path"):
             path = _below_root(scope)
-        admin = self._admin_path
         # Segment boundary: /_breakers and /_breakers/..., not /_breakersx.
         if (
             self._admin is not None
-            and path.startswith(admin)
+            and path.startswith(admin := self._admin_path)
             and (len(path) == len(admin) or path[len(admin)] == "/")
         ):
             if self._start_pending:  # no lifespan ran: start before showing the breakers
@@ -154,7 +153,28 @@ class CircuitBreakerMiddleware:
             await _reject(breaker, send)
             return
 
-        await _guarded(self.app, breaker, permit, scope, receive, send)
+        call = _new_object(_Call)  # no __init__ call: the fields are set here
+        call.breaker = breaker
+        call.permit = permit
+        call.receive = receive
+        call.send = send
+        call.status = 0
+        call.complete = call.disconnected = False
+        try:
+            await self.app(scope, call.receive_watching, call.send_watching)
+        except BaseException as exc:
+            # A failure, unless the client left (Starlette raises ClientDisconnect when it reads
+            # a body from a gone client) or the task was cancelled: then the permit goes back.
+            if isinstance(exc, Exception) and not (
+                call.disconnected or isinstance(exc, ClientDisconnect)
+            ):
+                breaker.record(permit, failed=True)
+            breaker.release(permit)  # a no-op once the outcome is recorded
+            raise
+        if not call.complete:
+            # The app returned without finishing a response: it saw the client leave (Starlette
+            # stops a response on http.disconnect). That says nothing of the upstream.
+            breaker.release(permit)
 
     def _breaker(self, service: str) -> CircuitBreaker:
         breaker = self._breakers[service] = self.manager.get(service)
@@ -195,61 +215,52 @@ class CircuitBreakerMiddleware:
 _REJECTIONS = Rejections()
 
 
-async def _guarded(
-    app: ASGIApp,
-    breaker: CircuitBreaker,
-    permit: Permit,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-) -> None:
-    """Runs `app` for a permitted call and reports its outcome to `breaker` (in a function of
-    its own: the closures' cells are made for permitted calls only, not for rejections)."""
-    status = 0
-    complete = False
-    disconnected = False
+_new_object = object.__new__
 
-    async def receive_watching() -> Message:
-        nonlocal disconnected
-        message = await receive()
+
+class _Call:
+    """One permitted call: the app's `receive` and `send` go through it, so that the status,
+    the end of the response and a client that left are seen, and the outcome is recorded.
+
+    An object with two methods rather than two closures: no cells, no functions made per
+    request, and no coroutine of its own around the app.
+    """
+
+    __slots__ = ("breaker", "complete", "disconnected", "permit", "receive", "send", "status")
+    breaker: CircuitBreaker
+    permit: Permit
+    receive: Receive
+    send: Send
+    status: int
+    complete: bool
+    disconnected: bool
+
+    async def receive_watching(self) -> Message:
+        message = await self.receive()
         if message["type"] == "http.disconnect":
-            disconnected = True  # whatever the app answers now, nobody asked for it
+            self.disconnected = True  # whatever the app answers now, nobody asked for it
         return message
 
-    async def send_watching(message: Message) -> None:
-        nonlocal status, complete, disconnected
+    async def send_watching(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            status = message["status"]
+            self.status = message["status"]
         elif (
             (kind == "http.response.body" or kind == "http.response.zerocopysend")
             and not message.get("more_body", False)
         ) or kind == "http.response.pathsend":
-            complete = True
+            self.complete = True
             # Before the client has the whole response: its next request sees the outcome.
-            if disconnected:
-                breaker.release(permit)  # e.g. a proxy's 499 for a client that left
+            breaker = self.breaker
+            if self.disconnected:
+                breaker.release(self.permit)  # e.g. a proxy's 499 for a client that left
             else:
-                breaker.record(permit, status in breaker.failure_codes)
+                breaker.record(self.permit, self.status in breaker.failure_codes)
         try:
-            await send(message)
+            await self.send(message)
         except OSError:
-            disconnected = True  # ASGI 2.4: a send to a closed connection raises OSError
+            self.disconnected = True  # ASGI 2.4: a send to a closed connection raises OSError
             raise
-
-    try:
-        await app(scope, receive_watching, send_watching)
-    except BaseException as exc:
-        # A failure, unless the client left (Starlette raises ClientDisconnect when it reads
-        # a body from a gone client) or the task was cancelled: then the permit goes back.
-        if isinstance(exc, Exception) and not (disconnected or isinstance(exc, ClientDisconnect)):
-            breaker.record(permit, failed=True)
-        breaker.release(permit)  # a no-op once the outcome is recorded
-        raise
-    if not complete:
-        # The app returned without finishing a response: it saw the client leave (Starlette
-        # stops a response on http.disconnect). That says nothing of the upstream.
-        breaker.release(permit)
 
 
 def _admin_listener(
