@@ -83,6 +83,8 @@ HOP_BY_HOP = frozenset(
 # `Service-Worker-Allowed`, with which an upstream's script could claim every path of the
 # gateway's origin (the admin dashboard's too) for its service worker.
 SERVER_OWN = frozenset({b"date", b"server", b"service-worker-allowed"})
+# What a response without a Connection header loses (the usual case: one set, made once).
+_RESPONSE_DROP = HOP_BY_HOP | SERVER_OWN
 # RFC 9110 7.6.3: the protocol this hop received, and a pseudonym for this intermediary.
 VIA = b"1.1 gateway-breaker"
 VIA_TEXT = VIA.decode()
@@ -444,7 +446,7 @@ def _response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     """The upstream's end-to-end headers, less `Date` and `Server` (uvicorn sends its own),
     plus Via."""
     connection = [v for k, v in raw if k.lower() == b"connection"]
-    hop = (_connection_tokens(connection) if connection else HOP_BY_HOP) | SERVER_OWN
+    hop = _connection_tokens(connection) | SERVER_OWN if connection else _RESPONSE_DROP
     headers = [(k, v) for k, v in raw if k.lower() not in hop]
     headers.append((b"via", VIA))
     return headers

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway_breaker.breaker import CircuitBreaker
+from gateway_breaker.breaker import CircuitBreaker, CircuitState, Permit
 from gateway_breaker.config import Config, check_service_name
 from gateway_breaker.manager import CircuitBreakerManager
 from gateway_breaker.rejection import Rejections
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from gateway_breaker.metrics import MetricsApp
 
 logger = logging.getLogger("gateway_breaker")
+_OPEN = CircuitState.OPEN
 
 
 class CircuitBreakerMiddleware:
@@ -105,12 +106,13 @@ class CircuitBreakerMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        path = _below_root(scope)
-        admin = self._admin_path
+        path: str = scope["path"]
+        if scope.get("root_path"):
+            path = _below_root(scope)
         # Segment boundary: /_breakers and /_breakers/..., not /_breakersx.
         if (
             self._admin is not None
-            and path.startswith(admin)
+            and path.startswith(admin := self._admin_path)
             and (len(path) == len(admin) or path[len(admin)] == "/")
         ):
             if self._start_pending:  # no lifespan ran: start before showing the breakers
@@ -134,57 +136,42 @@ class CircuitBreakerMiddleware:
         if self._start_pending:
             # No lifespan (some test clients, some servers): start in the background, never wait.
             self._begin_start()
-        breaker = self._breakers.get(service) or self._breaker(service)
+        breakers = self._breakers
+        breaker = breakers[service] if service in breakers else self._breaker(service)
+        if breaker.state is _OPEN and breaker.manual is None:
+            # The load-shedding path: inside the open period, the kept 503 at once (counted as
+            # rejected); at its end `acquire` lets the probe through.
+            answer = _REJECTIONS.while_open(breaker)
+            if answer is not None:
+                headers, body = answer
+                # A copy of the kept list: an outer middleware may add to the headers it is sent.
+                await send({"type": "http.response.start", "status": 503, "headers": headers[:]})
+                await send({"type": "http.response.body", "body": body})
+                return
         permit = breaker.acquire()
         if permit is None or (permit.probe and not await self.manager.admit_probe(breaker, permit)):
             await _reject(breaker, send)
             return
 
-        status = 0
-        complete = False
-        disconnected = False
-        failure_codes = breaker.failure_codes
-
-        async def receive_watching() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True  # whatever the app answers now, nobody asked for it
-            return message
-
-        async def send_watching(message: Message) -> None:
-            nonlocal status, complete, disconnected
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-            elif (
-                (kind == "http.response.body" or kind == "http.response.zerocopysend")
-                and not message.get("more_body", False)
-            ) or kind == "http.response.pathsend":
-                complete = True
-                # Before the client has the whole response: its next request sees the outcome.
-                if disconnected:
-                    breaker.release(permit)  # e.g. a proxy's 499 for a client that left
-                else:
-                    breaker.record(permit, status in failure_codes)
-            try:
-                await send(message)
-            except OSError:
-                disconnected = True  # ASGI 2.4: a send to a closed connection raises OSError
-                raise
-
+        call = _new_object(_Call)  # no __init__ call: the fields are set here
+        call.breaker = breaker
+        call.permit = permit
+        call.receive = receive
+        call.send = send
+        call.status = 0
+        call.complete = call.disconnected = False
         try:
-            await self.app(scope, receive_watching, send_watching)
+            await self.app(scope, call.receive_watching, call.send_watching)
         except BaseException as exc:
             # A failure, unless the client left (Starlette raises ClientDisconnect when it reads
             # a body from a gone client) or the task was cancelled: then the permit goes back.
             if isinstance(exc, Exception) and not (
-                disconnected or isinstance(exc, ClientDisconnect)
+                call.disconnected or isinstance(exc, ClientDisconnect)
             ):
                 breaker.record(permit, failed=True)
             breaker.release(permit)  # a no-op once the outcome is recorded
             raise
-        if not complete:
+        if not call.complete:
             # The app returned without finishing a response: it saw the client leave (Starlette
             # stops a response on http.disconnect). That says nothing of the upstream.
             breaker.release(permit)
@@ -226,6 +213,54 @@ class CircuitBreakerMiddleware:
 
 
 _REJECTIONS = Rejections()
+
+
+_new_object = object.__new__
+
+
+class _Call:
+    """One permitted call: the app's `receive` and `send` go through it, so that the status,
+    the end of the response and a client that left are seen, and the outcome is recorded.
+
+    An object with two methods rather than two closures: no cells, no functions made per
+    request, and no coroutine of its own around the app.
+    """
+
+    __slots__ = ("breaker", "complete", "disconnected", "permit", "receive", "send", "status")
+    breaker: CircuitBreaker
+    permit: Permit
+    receive: Receive
+    send: Send
+    status: int
+    complete: bool
+    disconnected: bool
+
+    async def receive_watching(self) -> Message:
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True  # whatever the app answers now, nobody asked for it
+        return message
+
+    async def send_watching(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+        elif (
+            (kind == "http.response.body" or kind == "http.response.zerocopysend")
+            and not message.get("more_body", False)
+        ) or kind == "http.response.pathsend":
+            self.complete = True
+            # Before the client has the whole response: its next request sees the outcome.
+            breaker = self.breaker
+            if self.disconnected:
+                breaker.release(self.permit)  # e.g. a proxy's 499 for a client that left
+            else:
+                breaker.record(self.permit, self.status in breaker.failure_codes)
+        try:
+            await self.send(message)
+        except OSError:
+            self.disconnected = True  # ASGI 2.4: a send to a closed connection raises OSError
+            raise
 
 
 def _admin_listener(

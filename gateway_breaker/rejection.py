@@ -46,17 +46,34 @@ class Rejections:
             kept = self._open.get(breaker.name)
             if kept is not None and kept[0] == until and kept[1] < now <= kept[2]:
                 return kept[3], kept[4]
-            retry_after = max(1, math.ceil(until - now))
-            headers, body = self.answer(breaker.name, "open", retry_after)
-            # ceil(until - now) == retry_after for now in (until - r, until - r + 1]; 1 also after.
-            high = until - retry_after + 1 if retry_after > 1 else _FOREVER
-            self._open[breaker.name] = (until, until - retry_after, high, headers, body)
-            return headers, body
+            return self._open_answer(breaker.name, until, now)
         state = breaker.effective_state
         if state == "closed":
             # Closed: the adaptive mode shed this request, or the recovery ramp held it back.
             state = "shedding" if breaker.shed_last else "recovering"
         return self.answer(breaker.name, state, breaker.retry_after_header())
+
+    def while_open(self, breaker: CircuitBreaker) -> tuple[Headers, bytes] | None:
+        """For an automatic open breaker (state open, no manual mode): the 503 when the clock is
+        still inside its open period, the call counted as rejected; None once the period is over
+        (`acquire` decides then: the probe). One clock read, no permit."""
+        now = breaker.clock()
+        until = breaker.open_until
+        if now >= until:
+            return None
+        breaker.calls_rejected += 1
+        kept = self._open.get(breaker.name)
+        if kept is not None and kept[0] == until and kept[1] < now <= kept[2]:
+            return kept[3], kept[4]
+        return self._open_answer(breaker.name, until, now)
+
+    def _open_answer(self, service: str, until: float, now: float) -> tuple[Headers, bytes]:
+        retry_after = max(1, math.ceil(until - now))
+        headers, body = self.answer(service, "open", retry_after)
+        # ceil(until - now) == retry_after for now in (until - r, until - r + 1]; 1 also after.
+        high = until - retry_after + 1 if retry_after > 1 else _FOREVER
+        self._open[service] = (until, until - retry_after, high, headers, body)
+        return headers, body
 
     def answer(self, service: str, state: str, retry_after: int) -> tuple[Headers, bytes]:
         """The headers and body of the 503 for `service` in `state` (already the reported one:

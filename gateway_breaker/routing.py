@@ -12,7 +12,7 @@ class RouteTable:
     segment up to the deepest configured prefix, whatever the number of prefixes.
     """
 
-    __slots__ = ("_depth", "_prefixes", "_root")
+    __slots__ = ("_depth", "_first", "_prefixes", "_root")
 
     def __init__(self, routes: Mapping[str, str]) -> None:
         prefixes: dict[str, str] = {}
@@ -26,6 +26,8 @@ class RouteTable:
             else:
                 prefixes[normalized] = service
         self._prefixes = prefixes
+        # Single-segment prefixes by their segment: "/sona" -> "sona".
+        self._first = {p[1:]: s for p, s in prefixes.items() if p.count("/") == 1}
         self._root = root
         self._depth = max((p.count("/") for p in prefixes), default=0)
 
@@ -42,9 +44,10 @@ class RouteTable:
         """The service owning `path`, or None when no prefix covers it."""
         prefixes = self._prefixes
         if self._depth == 1:
-            # The usual table (/discovery, /sona, ...): one find, one slice, one dict probe.
-            end = path.find("/", 1)
-            service = prefixes.get(path if end < 0 else path[:end])
+            # The usual table (/discovery, /sona, ...): one split, one dict probe, by the first
+            # segment ("" before the leading "/").
+            parts = path.split("/", 2)
+            service = self._first.get(parts[1]) if len(parts) > 1 and not parts[0] else None
             return self._root if service is None else service
         # Ends of the first `depth` segments: "/a/b/c" -> "/a", "/a/b", "/a/b/c".
         ends: list[int] = []
