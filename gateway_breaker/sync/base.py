@@ -34,10 +34,11 @@ PENDING_HISTORY = 50
 # While another instance holds the probe slots, ask again after at most this long.
 PROBE_RECHECK_SECONDS = 0.25
 # Services re-read each `sync_interval_seconds` by the slow round-robin safety net: with
-# client tracking (a full sweep of 10,000 services every 100 s), without it (every 10 s: the
-# bound for a value written past the gateways), and on a Cluster, where each key costs a
-# command (tracking is per node there; re-reads stay under the command budget).
-SWEEP_TRACKED = 100
+# client tracking, which reports every change (a full sweep of 10,000 services every 500 s;
+# each key read costs Redis a tracking entry, and 200 instances read them every second),
+# without it (every 10 s: the bound for a value written past the gateways), and on a Cluster,
+# where each key costs a command (re-reads stay under the command budget).
+SWEEP_TRACKED = 20
 SWEEP_UNTRACKED = 1000
 SWEEP_PER_KEY = 2
 # After a fault (an outage, a lost subscription or tracking) every service is re-read at once
