@@ -360,8 +360,13 @@ def main() -> None:
     parser.add_argument("--cluster", action="store_true", help="a 3-master Cluster")
     parser.add_argument("--package-root", default="", help="import gateway_breaker from here")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument(
+        "--per-worker", type=int, default=PER_WORKER, help="in-process managers a worker process"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    global PER_WORKER
+    PER_WORKER = max(1, args.per_worker)
     clean_environment()
     if args.package_root:
         sys.path.insert(0, str(Path(args.package_root).resolve()))

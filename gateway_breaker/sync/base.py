@@ -42,12 +42,13 @@ SWEEP_TRACKED = 20
 SWEEP_UNTRACKED = 1000
 SWEEP_PER_KEY = 2
 # After a fault (an outage, a lost subscription or tracking) every service is re-read at once
-# and again this many seconds later (each spread by +-20%, so that a fleet that saw the same
+# (other instances put back what they changed meanwhile within their next interval) and again
+# this many seconds later (each spread by +-20%, so that a fleet that saw the same
 # fault does not re-read in step): whatever a failover, a cut connection or a write that timed
 # out after it landed left different, the fleet agrees again within seconds. A few O(S) reads a
 # fault, never O(S) a second for long: at 200 x 10,000 that would keep Redis too busy to answer,
 # and make a fault of its own.
-RECOVERY_READS = (1.0, 2.0, 5.0, 15.0)
+RECOVERY_READS = (2.0, 10.0)
 # The instance's record (its view of every breaker, for the fleet view) holds this many
 # services' views per interval at most: with 10,000 services it is written every 10 intervals
 # at most, so that a burst costs the instance and Redis no more bytes a second than 1,000.
