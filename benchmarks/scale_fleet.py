@@ -162,13 +162,15 @@ async def _watch(conn: Connection, managers: list[Any], names: list[str]) -> lis
 
 
 class Fleet:
-    def __init__(self, url: str, n: int, services: int, prefix: str, root: str) -> None:
+    def __init__(
+        self, url: str, n: int, services: int, prefix: str, root: str, per_worker: int
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs = []
         left = n
         while left:
-            count = min(PER_WORKER, left)
+            count = min(per_worker, left)
             left -= count
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker, args=(child, url, services, count, prefix, root))
@@ -244,10 +246,16 @@ async def _operator(url: str, services: int, prefix: str, names: list[str]) -> f
 
 
 def one(
-    url: str, clients: list[redis.Redis], n: int, services: int, window: float, root: str
+    url: str,
+    clients: list[redis.Redis],
+    n: int,
+    services: int,
+    window: float,
+    root: str,
+    per_worker: int = PER_WORKER,
 ) -> dict[str, Any]:
     prefix = f"scale{n}x{services}"
-    fleet = Fleet(url, n, services, prefix, root)
+    fleet = Fleet(url, n, services, prefix, root, per_worker)
     try:
         settle = max(fleet.ask("settle"))  # startup reads and first registrations
         time.sleep(min(3.0, window))
@@ -365,8 +373,6 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    global PER_WORKER
-    PER_WORKER = max(1, args.per_worker)
     clean_environment()
     if args.package_root:
         sys.path.insert(0, str(Path(args.package_root).resolve()))
@@ -384,7 +390,7 @@ def main() -> None:
         server = contextlib.contextmanager(_single)()
     with server as (url, clients):
         for n, s in grid:
-            result = one(url, clients, n, s, window, root)
+            result = one(url, clients, n, s, window, root, max(1, args.per_worker))
             results.append(result)
             print(
                 f"{n} x {s}: {result['rest']} {result['propagation_ms']} {result['burst']}",
@@ -424,7 +430,7 @@ def main() -> None:
                     "window_seconds": window,
                     "cluster": args.cluster,
                     "package_root": args.package_root or ".",
-                    "per_worker": PER_WORKER,
+                    "per_worker": args.per_worker,
                 },
                 "machine": machine(),
                 "revision": revision(),
