@@ -302,27 +302,17 @@ class CircuitBreaker:
             self._probe_done(permit)
             return
         now = self.clock()
-        slow = self._slow
-        if not failed and slow is None and not permit.probe and self.state is _CLOSED:
-            # The common case, first and inline: a success on a closed breaker.
-            self.calls_success += 1
-            self.success_count += 1
-            self.failure_count = 0
-            self._window.record(now, False)
-            if self.reported:
-                self._new_evidence()  # the fleet holds a run of ours this success ended
-            return
-        slow_call = slow is not None and not failed and now - permit.started > slow
         if permit.probe:
             self._in_flight -= 1
             self._probes.pop(permit, None)
             self._probe_done(permit)
-        if slow_call:
-            self.calls_slow += 1
-            self._on_failure(now, "slow_calls")
-        elif failed:
+        slow = self._slow
+        if failed:
             self.calls_failure += 1
             self._on_failure(now, None)
+        elif slow is not None and now - permit.started > slow:
+            self.calls_slow += 1
+            self._on_failure(now, "slow_calls")
         elif self.state is _CLOSED:
             # The common case, inline: a success on a closed breaker.
             self.calls_success += 1
