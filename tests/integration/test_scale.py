@@ -76,6 +76,20 @@ async def tracking(manager: CircuitBreakerManager) -> bool:
     return sync is not None and bool(sync.store.tracking)
 
 
+async def reaches(
+    managers: Any, service: str, state: CircuitState, what: str, interval: float = 0.01
+) -> None:
+    """Every manager holds `service` in `state` within the bound for a value written past
+    the gateways."""
+    for m in managers:
+        await wait_until(
+            lambda m=m: m.get(service).state is state,
+            PAST_THE_GATEWAYS_SECONDS,
+            interval,
+            f"{what} to reach the manager",
+        )
+
+
 async def test_an_idle_manager_with_10000_services_sends_at_most_10_commands_a_second(
     redis_server: RedisServer, managers: Any
 ) -> None:
@@ -114,25 +128,13 @@ async def test_values_written_past_the_gateways_reach_another_manager(
     key = f"{key_prefix}:svc1234:state"
     # A seed-format value written with redis-cli's SET.
     client.set(key, seed_state("open"), ex=3600)
-    for m in (a, b):
-        await wait_until(
-            lambda m=m: m.get("svc1234").state is CircuitState.OPEN,
-            PAST_THE_GATEWAYS_SECONDS,
-            0.01,
-            "the SET to reach the manager",
-        )
+    await reaches((a, b), "svc1234", CircuitState.OPEN, "the SET")
     # DEL, as the seed's troubleshooting does, of a state the fleet wrote: closes it everywhere.
     client.set(key, seed_state("open", version=9), ex=3600)
     for m in (a, b):
         await wait_until(lambda m=m: m.get("svc1234").version == 9, 10, 0.01, "version 9")
     client.delete(key)
-    for m in (a, b):
-        await wait_until(
-            lambda m=m: m.get("svc1234").state is CircuitState.CLOSED,
-            PAST_THE_GATEWAYS_SECONDS,
-            0.01,
-            "the DEL to reach the manager",
-        )
+    await reaches((a, b), "svc1234", CircuitState.CLOSED, "the DEL")
     # Expiry: an open state whose TTL runs out closes too.
     client.set(key, seed_state("open", version=11), px=1500)
     await wait_until(lambda: b.get("svc1234").state is CircuitState.OPEN, 10, 0.01, "open")
@@ -316,26 +318,15 @@ async def test_values_written_past_the_gateways_on_a_cluster_reach_the_managers(
         names = ("svc11", "svc1234", "svc1999")  # on different nodes, most likely
         for name in names:
             client.set(f"{key_prefix}:{{{name}}}:state", seed_state("open"), ex=3600)
-        for m in (a, b):
-            for name in names:
-                await wait_until(
-                    lambda m=m, name=name: m.get(name).state is CircuitState.OPEN,
-                    PAST_THE_GATEWAYS_SECONDS,
-                    0.01,
-                    f"the SET of {name} to reach the manager",
-                )
+        for name in names:
+            await reaches((a, b), name, CircuitState.OPEN, f"the SET of {name}")
         client.set(f"{key_prefix}:{{svc11}}:state", seed_state("open", version=9), ex=3600)
         for m in (a, b):
             await wait_until(lambda m=m: m.get("svc11").version == 9, 10, 0.01, "version 9")
         client.delete(f"{key_prefix}:{{svc11}}:state")
         client.set(f"{key_prefix}:{{svc1234}}:state", seed_state("open", version=5), px=1500)
+        await reaches((a, b), "svc11", CircuitState.CLOSED, "the DEL")
         for m in (a, b):
-            await wait_until(
-                lambda m=m: m.get("svc11").state is CircuitState.CLOSED,
-                PAST_THE_GATEWAYS_SECONDS,
-                0.01,
-                "the DEL to reach the manager",
-            )
             await wait_until(
                 lambda m=m: (
                     m.get("svc1234").version == 5 or m.get("svc1234").state is CircuitState.CLOSED
@@ -344,13 +335,7 @@ async def test_values_written_past_the_gateways_on_a_cluster_reach_the_managers(
                 0.01,
                 "the short-lived value",
             )
-        for m in (a, b):
-            await wait_until(
-                lambda m=m: m.get("svc1234").state is CircuitState.CLOSED,
-                PAST_THE_GATEWAYS_SECONDS,
-                0.02,
-                "the expiry to reach the manager",
-            )
+        await reaches((a, b), "svc1234", CircuitState.CLOSED, "the expiry", 0.02)
         client.set(f"{key_prefix}:{{svc7}}:policy", json.dumps({"failure_threshold": 42}))
         await wait_until(
             lambda: b.get("svc7").policy.failure_threshold == 42, PAST_THE_GATEWAYS_SECONDS
