@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway_breaker.breaker import CircuitBreaker, CircuitState, Permit
 from gateway_breaker.config import Config, check_service_name
 from gateway_breaker.manager import CircuitBreakerManager
-from gateway_breaker.rejection import Rejections
+from gateway_breaker.rejection import OpenAnswer, Rejections
 from gateway_breaker.routing import RouteTable
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ class CircuitBreakerMiddleware:
         self.routes = RouteTable(routes if routes is not None else config.circuit_breaker.routes())
         for service in self.routes.services():
             check_service_name(service)
-        self._breakers: dict[str, CircuitBreaker] = {}
         self._start_pending = self._owns_manager
         self._started: asyncio.Task[None] | None = None
         self._metrics: MetricsApp | None = None
@@ -82,71 +81,45 @@ class CircuitBreakerMiddleware:
             if moved is not None:
                 self._metrics = None
                 self._reserved += (config.metrics.path,)
+        self._routes: dict[str, _Route] = {}  # by service, once a request has come for it
+        self._fast, self._fast_default = self._first_segment_table()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics = self._metrics
-        if metrics is not None and (  # before any prefix; also below a root path
-            (here := scope.get("path")) == metrics.path
-            or (here is not None and here.endswith(metrics.path) and _at(scope, metrics.path))
-        ):
-            await metrics(scope, receive, send)
-            return
-        if scope["type"] != "http" or not self.enabled:
-            if metrics is not None and scope["type"] == "lifespan":
-                receive = metrics.watch_lifespan(receive)  # several workers: the exporter
-            if scope["type"] == "lifespan" and self.enabled:
-                await self._lifespan(scope, receive, send)
+        # The usual request (http, no root path) is routed by its first path segment: one split,
+        # one dict probe. The operator surface, deeper prefixes, a root path and the other scope
+        # types take the general path (`_general`), which answers them or names the service.
+        if scope["type"] == "http" and not scope.get("root_path"):
+            parts = scope["path"].split("/", 2)
+            try:
+                route = self._fast.get(parts[1], self._fast_default) if not parts[0] else _GENERAL
+            except IndexError:  # no "/" at all (e.g. "*")
+                route = _GENERAL
+        else:
+            route = _GENERAL
+        if route is _GENERAL:
+            route = await self._general(scope, receive, send)
+            if route is None:
                 return
-            if (
-                self._reserved
-                and scope["type"] == "http"
-                and _under(_below_root(scope), self._reserved)
-            ):
-                await _not_here(send)
-                return
+        elif route is None:  # no prefix covers the path
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        if scope.get("root_path"):
-            path = _below_root(scope)
-        # Segment boundary: /_breakers and /_breakers/..., not /_breakersx.
-        if (
-            self._admin is not None
-            and path.startswith(admin := self._admin_path)
-            and (len(path) == len(admin) or path[len(admin)] == "/")
-        ):
-            if self._start_pending:  # no lifespan ran: start before showing the breakers
-                self._begin_start()
-                assert self._started is not None
-                await asyncio.shield(self._started)
-            await self._admin(scope, receive, send)
-            return
-        if (
-            self._reserved
-            and self._admin is None
-            and path.startswith(self._reserved)
-            and _under(path, self._reserved)
-        ):
-            await _not_here(send)
-            return
-        service = self.routes.match(path)
-        if service is None:
-            await self.app(scope, receive, send)
-            return
-        if self._start_pending:
-            # No lifespan (some test clients, some servers): start in the background, never wait.
-            self._begin_start()
-        breakers = self._breakers
-        breaker = breakers[service] if service in breakers else self._breaker(service)
+        breaker = route.breaker
         if breaker.state is _OPEN and breaker.manual is None:
             # The load-shedding path: inside the open period, the kept 503 at once (counted as
             # rejected); at its end `acquire` lets the probe through.
-            answer = _REJECTIONS.while_open(breaker)
-            if answer is not None:
-                headers, body = answer
+            now = breaker.clock()
+            kept = route.open_answer
+            if kept is None or not (kept[0] == breaker.open_until and kept[1] <= now < kept[2]):
+                kept = None
+                if now < breaker.open_until:
+                    kept = route.open_answer = _REJECTIONS.open_answer(
+                        route.service, breaker.open_until, now
+                    )
+            if kept is not None:
+                breaker.calls_rejected += 1
                 # A copy of the kept list: an outer middleware may add to the headers it is sent.
-                await send({"type": "http.response.start", "status": 503, "headers": headers[:]})
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.start", "status": 503, "headers": kept[3][:]})
+                await send({"type": "http.response.body", "body": kept[4]})
                 return
         permit = breaker.acquire()
         if permit is None or (permit.probe and not await self.manager.admit_probe(breaker, permit)):
@@ -176,9 +149,91 @@ class CircuitBreakerMiddleware:
             # stops a response on http.disconnect). That says nothing of the upstream.
             breaker.release(permit)
 
-    def _breaker(self, service: str) -> CircuitBreaker:
-        breaker = self._breakers[service] = self.manager.get(service)
-        return breaker
+    async def _general(self, scope: Scope, receive: Receive, send: Send) -> _Route | None:
+        """Answers everything but a request to guard (None), or gives its route. The first
+        request to a service comes here: it starts the manager when no lifespan did, gets the
+        breaker, and puts the route in the first-segment table."""
+        metrics = self._metrics
+        if metrics is not None and (  # before any prefix; also below a root path
+            (here := scope.get("path")) == metrics.path
+            or (here is not None and here.endswith(metrics.path) and _at(scope, metrics.path))
+        ):
+            await metrics(scope, receive, send)
+            return None
+        if scope["type"] != "http" or not self.enabled:
+            if metrics is not None and scope["type"] == "lifespan":
+                receive = metrics.watch_lifespan(receive)  # several workers: the exporter
+            if scope["type"] == "lifespan" and self.enabled:
+                await self._lifespan(scope, receive, send)
+                return None
+            if (
+                self._reserved
+                and scope["type"] == "http"
+                and _under(_below_root(scope), self._reserved)
+            ):
+                await _not_here(send)
+                return None
+            await self.app(scope, receive, send)
+            return None
+        path: str = scope["path"]
+        if scope.get("root_path"):
+            path = _below_root(scope)
+        # Segment boundary: /_breakers and /_breakers/..., not /_breakersx.
+        if (
+            self._admin is not None
+            and path.startswith(admin := self._admin_path)
+            and (len(path) == len(admin) or path[len(admin)] == "/")
+        ):
+            if self._start_pending:  # no lifespan ran: start before showing the breakers
+                self._begin_start()
+                assert self._started is not None
+                await asyncio.shield(self._started)
+            await self._admin(scope, receive, send)
+            return None
+        if (
+            self._reserved
+            and self._admin is None
+            and path.startswith(self._reserved)
+            and _under(path, self._reserved)
+        ):
+            await _not_here(send)
+            return None
+        service = self.routes.match(path)
+        if service is None:
+            await self.app(scope, receive, send)
+            return None
+        if self._start_pending:
+            # No lifespan (some test clients, some servers): start in the background, never wait.
+            self._begin_start()
+        route = self._routes.get(service)
+        if route is None:
+            route = self._routes[service] = _Route(service, self.manager.get(service))
+            self._fast, self._fast_default = self._first_segment_table()
+        return route
+
+    def _first_segment_table(self) -> tuple[dict[str, _Route], _Route | None]:
+        """The routes by a path's first segment, and what every other segment gets. `_GENERAL`
+        for the segments that begin a path of the operator surface or a deeper prefix, and for
+        services no request has come for yet."""
+        single, deeper, root = self.routes.first_segments()
+        table: dict[str, _Route] = {}
+        if self.enabled:
+            routes = self._routes
+            table.update((seg, routes.get(s, _GENERAL)) for seg, s in single.items())
+        special = [*self._reserved, *deeper]
+        if self._admin is not None:
+            special.append(self._admin_path)
+        if self._metrics is not None:
+            special.append(self._metrics.path)
+        for path in special:
+            if not path.startswith("/"):
+                return {}, _GENERAL  # never met in a request path: leave all to `_general`
+            table[path.split("/", 2)[1]] = _GENERAL
+        if not self.enabled or root is None:
+            return table, None
+        if root not in self._routes:
+            return table, _GENERAL
+        return table, self._routes[root]
 
     def _begin_start(self) -> None:
         self._start_pending = False
@@ -213,6 +268,22 @@ class CircuitBreakerMiddleware:
 
 
 _REJECTIONS = Rejections()
+
+
+class _Route:
+    """A guarded service: its breaker and, while it is open, the 503 kept for the current
+    second of its open period."""
+
+    __slots__ = ("breaker", "open_answer", "service")
+
+    def __init__(self, service: str, breaker: CircuitBreaker) -> None:
+        self.service = service
+        self.breaker = breaker
+        self.open_answer: OpenAnswer | None = None
+
+
+# In the first-segment table: the segment needs the general path (never used as a route).
+_GENERAL = object.__new__(_Route)
 
 
 _new_object = object.__new__

@@ -40,6 +40,15 @@ class RouteTable:
             names.add(self._root)
         return names
 
+    def first_segments(self) -> tuple[dict[str, str], set[str], str | None]:
+        """What a caller needs to route most paths by their first segment alone: the services
+        of single-segment prefixes by that segment (none of them also begins a deeper prefix),
+        the first segments that need `match` (they begin a deeper prefix), and the root's
+        service ("/" prefix; it takes every other path)."""
+        deeper = {p.split("/", 2)[1] for p in self._prefixes if p.count("/") > 1}
+        single = {segment: s for segment, s in self._first.items() if segment not in deeper}
+        return single, deeper, self._root
+
     def match(self, path: str) -> str | None:
         """The service owning `path`, or None when no prefix covers it."""
         prefixes = self._prefixes
