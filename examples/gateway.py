@@ -508,12 +508,33 @@ async def _send_problem(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, with the application's middleware outside the framework's error layer.
+
+    Starlette puts `ServerErrorMiddleware` (which wraps `send` for every request) outermost and
+    the application's middleware inside it. Here the order is RequestGuard, the breakers,
+    ProxyDispatch, then the framework's stack: a proxied request meets no framework layer at
+    all. An exception that escapes the proxy is answered 500 by the server (uvicorn), as the
+    error layer would, and the breaker has seen it first either way.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        own, self.user_middleware = self.user_middleware, []
+        try:
+            app = super().build_middleware_stack()
+        finally:
+            self.user_middleware = own
+        for cls, args, kwargs in reversed(own):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
 def create_app(
     config: Config | None = None,
     *,
     timeout: httpx.Timeout | None = None,
     transport: str | None = None,
-) -> FastAPI:
+) -> GatewayApp:
     """The gateway for `config` (default: `load_config()`)."""
     config = config if config is not None else load_config()
     proxy = UpstreamProxy(config, timeout if timeout is not None else upstream_timeout(), transport)
@@ -529,7 +550,7 @@ def create_app(
         finally:
             await proxy.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="gateway-breaker example gateway",
         lifespan=lifespan,
         # FastAPI's own OpenTelemetry hooks look for a provider on every request; the gateway
