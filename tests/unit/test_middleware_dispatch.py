@@ -9,11 +9,12 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from gateway_breaker import CircuitBreakerManager, CircuitBreakerMiddleware, Config, RouteTable
 from gateway_breaker.breaker import BreakerSnapshot, CircuitState
 from tests.helpers import FakeClock
+from tests.unit.support import asgi_get
 
 SEGMENTS = ("a", "b", "ab", "metrics", "ops", "")
 
@@ -25,26 +26,8 @@ class App:
 
 
 async def call(app: Any, path: str, root_path: str = "", kind: str = "http") -> tuple[int, bytes]:
-    messages: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        messages.append(message)
-
-    scope = {
-        "type": kind,
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": root_path,
-        "query_string": b"",
-        "headers": [],
-    }
-    await app(scope, receive, send)
-    status = int(messages[0]["status"])
-    return status, b"".join(m.get("body", b"") for m in messages[1:])
+    messages = await asgi_get(app, path, root_path=root_path, kind=kind)
+    return int(messages[0]["status"]), b"".join(m.get("body", b"") for m in messages[1:])
 
 
 def guarded(

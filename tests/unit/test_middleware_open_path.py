@@ -13,7 +13,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway_breaker import CircuitBreakerManager, CircuitBreakerMiddleware, CircuitState
 from gateway_breaker.breaker import BreakerSnapshot, ManualMode
 from tests.helpers import FakeClock
-from tests.unit.support import make_config
+from tests.unit.support import asgi_get, make_config
 
 TIMEOUT = 10.0
 
@@ -47,25 +47,7 @@ class Answer:
 
 
 async def call(middleware: CircuitBreakerMiddleware, path: str = "/svc/x") -> Answer:
-    messages: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        messages.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-    }
-    await middleware(scope, receive, send)
-    return Answer(messages)
+    return Answer(await asgi_get(middleware, path))
 
 
 def gateway(clock: FakeClock, **policy: Any) -> tuple[CircuitBreakerMiddleware, App]:
