@@ -10,7 +10,8 @@ What it does, and no more: forwards the method, the path and query unchanged to 
 request body read whole; answers with the upstream's status and headers (hop-by-hop, `Date` and
 `Server` dropped: uvicorn writes its own) and relays the body chunk by chunk (an answer that
 came in one piece in one message). No cookie jar, no
-decompression, no redirects, no added headers. A failed upstream call answers 502.
+decompression, no redirects, no added headers. A failed upstream call answers 502. Its garbage
+collector is set as the gateway's is (frozen start-up objects, the same young threshold).
 
 Run:  FLOOR_UPSTREAM=http://127.0.0.1:9001 uvicorn floor_proxy:app --app-dir benchmarks \
           --loop uvloop --http httptools
@@ -18,6 +19,7 @@ Run:  FLOOR_UPSTREAM=http://127.0.0.1:9001 uvicorn floor_proxy:app --app-dir ben
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -32,6 +34,7 @@ DROP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
     | {b"proxy-authenticate", b"date", b"server"}
 )
+YOUNG_GC_THRESHOLD = 10_000  # as examples.gateway's
 SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
@@ -55,6 +58,10 @@ class FloorProxy:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    # The example gateway's runtime settings (examples/gateway.py, lifespan):
+                    # like with like, the floor's collector runs as the gateway's does.
+                    gc.freeze()
+                    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
                     await send({"type": "lifespan.startup.complete"})
                 else:
                     if self.session is not None:
