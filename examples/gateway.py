@@ -519,7 +519,11 @@ class GatewayApp(FastAPI):
     error layer would, and the breaker has seen it first either way.
     """
 
-    untraced = False  # FastAPI's telemetry is off: its layer can be skipped
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # FastAPI's telemetry turned off by name (as create_app does): its layer can be skipped.
+        telemetry = kwargs.get("telemetry")
+        self.untraced = isinstance(telemetry, dict) and not any(telemetry.values())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # FastAPI's and Starlette's own `__call__` are two coroutines around the stack; with no
@@ -576,11 +580,9 @@ def create_app(
         title="gateway-breaker example gateway",
         lifespan=lifespan,
         # FastAPI's own OpenTelemetry hooks look for a provider on every request; the gateway
-        # reports through gateway_breaker's metrics instead. Turn them back on (and set
-        # `untraced` below to False) to trace.
+        # reports through gateway_breaker's metrics instead. Turn them back on to trace.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.untraced = True
     app.state.proxy = proxy
     # Added first: innermost. Outermost first, a proxied request meets RequestGuard, then the
     # breakers, then ProxyDispatch, which hands it to the proxy (no router, no FastAPI layers).

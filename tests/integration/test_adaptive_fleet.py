@@ -113,7 +113,7 @@ async def test_shedding_ends_after_the_upstream_heals(fleet: Any) -> None:
         await call(a, failed=i % 2 == 0)
         await call(b, failed=i % 2 == 1)
         if i % 20 == 0:
-            await asyncio.sleep(0.06)
+            await asyncio.sleep(0.06)  # pacing: let the flushes run
     await wait_until(lambda: a.get("svc").rejection_probability() > 0.2, timeout=10)
 
     async def healed() -> bool:

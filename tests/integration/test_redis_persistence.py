@@ -230,7 +230,7 @@ async def test_killing_redis_under_traffic_fails_no_call_and_resyncs(
     async def traffic(n: int) -> None:
         for _ in range(n):
             results.append(await manager.call("sona", lambda: "ok"))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a yield to the loop, as a real call would
 
     with caplog.at_level(logging.WARNING, logger="gateway_breaker"):
         await traffic(50)

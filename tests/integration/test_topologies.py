@@ -125,7 +125,7 @@ async def test_sentinel_failover_during_traffic(
 
     async def traffic() -> None:
         results.append(await manager.call("sona", lambda: "ok"))
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # pacing: light traffic, not waiting for anything
 
     redis_sentinel.master.kill()
 

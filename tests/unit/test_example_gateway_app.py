@@ -7,7 +7,7 @@ import gc
 
 from starlette.types import Message
 
-from examples.gateway import YOUNG_GC_THRESHOLD, create_app
+from examples.gateway import YOUNG_GC_THRESHOLD, GatewayApp, create_app
 from tests.unit.support import asgi_get, make_config
 
 CONFIG = make_config({"discovery": {"upstream": "http://127.0.0.1:9/discovery"}})
@@ -27,6 +27,12 @@ async def test_serving_sets_the_young_collection_threshold_and_shutdown_restores
     assert (await asyncio.wait_for(sent.get(), 10))["type"] == "lifespan.shutdown.complete"
     await asyncio.wait_for(served, 10)
     assert gc.get_threshold() == before
+
+
+def test_only_an_app_with_fastapis_telemetry_off_skips_its_layer() -> None:
+    assert create_app(CONFIG).untraced
+    assert not GatewayApp().untraced  # FastAPI's defaults: its telemetry layer stays
+    assert not GatewayApp(telemetry={"tracing": True, "metrics": False, "logs": False}).untraced
 
 
 async def test_own_routes_answer_through_the_short_call_path_and_below_a_root_path() -> None:
